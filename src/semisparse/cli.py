@@ -1,0 +1,151 @@
+"""Command line: one thin command per verb. A UserError becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune causal LMs to N:M (2:4) sparsity, retrain them with AST, evaluate and export them.",
+)
+# Wide tables even when piped to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
+_state = {"debug": False}
+
+MODEL_HELP = "Hugging Face id, local model or run directory, or 'default' (the shipped SmolLM2-135M-Instruct)."
+DATA_HELP = "A .txt/.jsonl/.parquet file or folder, 'wikitext2', 'c4', or 'default' (the shipped Wikipedia text)."
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _layer_filter(include: list[str] | None, exclude: list[str] | None):
+    from semisparse.layers import LayerFilter
+
+    lf = LayerFilter()
+    if include:
+        lf.include = list(include)
+    if exclude:
+        lf.exclude = lf.exclude + list(exclude)
+    return lf
+
+
+def _ppl_table(title: str, rows: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    for col in ("result", "ppl", "data", "split", "seqlen", "stride", "windows", "tokens"):
+        table.add_column(col, justify="right" if col in ("ppl", "seqlen", "stride", "windows", "tokens") else "left")
+    for key, r in rows.items():
+        table.add_row(key, f"{r['ppl']:.3f}", r["data"], r["split"], str(r["seqlen"]), str(r["stride"]),
+                      str(r["windows"]), str(r["tokens"]))
+    return table
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    method: str = typer.Option("sparsegpt", help="magnitude, wanda or sparsegpt."),
+    pattern: str = typer.Option("2:4", help="N:M pattern: keep N of every M consecutive input weights."),
+    calib: str = typer.Option("default", help="Calibration text. " + DATA_HELP),
+    out: Path = typer.Option(..., help="Run directory to write (a stock transformers model dir + masks)."),
+    nsamples: int = typer.Option(128, help="Calibration sequences."),
+    seqlen: int = typer.Option(2048, help="Calibration sequence length (capped at the model's context)."),
+    seed: int = typer.Option(0, help="Seed for the calibration windows."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
+    include: Optional[list[str]] = typer.Option(None, help="Regex on layer names to prune (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, help="Regex on layer names to keep dense (repeatable)."),
+    skip_indivisible: bool = typer.Option(False, help="Leave layers whose input width is not a multiple of M dense."),
+    ppl: Optional[list[str]] = typer.Option(None, help="Also report dense vs pruned perplexity on DATA (repeatable)."),
+    ppl_seqlen: int = typer.Option(2048, help="Perplexity window length."),
+    ppl_max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Prune MODEL one-shot to N:M sparsity and write a run directory."""
+    from semisparse import api
+
+    meta = api.prune(
+        model, method, pattern, calib, out, nsamples, seqlen, seed, text_field, _layer_filter(include, exclude),
+        skip_indivisible, ppl, ppl_seqlen, ppl_max_windows, device, overwrite,
+    )
+    sw = meta["sparse_weights"]
+    console.print(
+        f"pruned {len(meta['layers_pruned'])} layers with {method} {meta['pattern']} "
+        f"({sw['kept']:,} of {sw['total']:,} weights kept) in {meta['prune_seconds']:.1f}s -> {out}"
+    )
+    if meta["layers_skipped"]:
+        console.print(f"left dense: {', '.join(meta['layers_skipped'])}")
+    if meta["perplexity"]:
+        console.print(_ppl_table("perplexity (dense vs pruned)", meta["perplexity"]))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ppl: Optional[list[str]] = typer.Option(None, help="Perplexity on DATA's evaluation part (repeatable). " + DATA_HELP),
+    seqlen: int = typer.Option(2048, help="Perplexity window length (capped at the model's context)."),
+    batch_size: int = typer.Option(1, help="Windows (or zero-shot requests) per forward pass."),
+    max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated zero-shot tasks (lm-evaluation-harness)."),
+    task_data: Optional[Path] = typer.Option(None, help="Folder with local task files (offline)."),
+    limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write results (default: RUN_DIR/eval.json or ./eval.json)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Evaluate MODEL: perplexity with its protocol, and zero-shot accuracy."""
+    from semisparse import api
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    record = api.evaluate(
+        model, ppl, seqlen, batch_size, max_windows, text_field, task_list,
+        str(task_data) if task_data else None, limit, json_out, device,
+    )
+    if "perplexity" in record:
+        console.print(_ppl_table(f"perplexity of {model}", record["perplexity"]))
+    if "zeroshot" in record:
+        from semisparse.evaluate.zeroshot import zeroshot_table
+
+        console.print(zeroshot_table(record["zeroshot"]))
+    console.print(f"results written to {record['json']}")
+
+
+def main() -> None:
+    from semisparse.errors import UserError
+
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        print(f"semisparse: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("semisparse: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if _state["debug"]:
+            raise
+        print(f"semisparse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Magnitude pruning: keep the N largest |W| of every M consecutive inputs. Needs no calibration data."""
+
+from __future__ import annotations
+
+import torch
+
+from semisparse.masks import Pattern, nm_mask
+
+
+class Magnitude:
+    name = "magnitude"
+    needs_calibration = False
+
+    def new_stats(self, in_features: int) -> None:
+        return None
+
+    def observe(self, stats: None, x: torch.Tensor) -> None:  # pragma: no cover - never called
+        raise AssertionError("magnitude pruning uses no calibration data")
+
+    def prune(self, weight: torch.Tensor, stats: None, pattern: Pattern) -> torch.Tensor:
+        mask = nm_mask(weight.abs(), pattern)
+        weight.mul_(mask)
+        return mask

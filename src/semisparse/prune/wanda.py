@@ -1,0 +1,28 @@
+"""Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each N:M group of a row."""
+
+from __future__ import annotations
+
+import torch
+
+from semisparse.masks import Pattern, nm_mask
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 for a weight [out, in] and the per-input-column sum of squares [in]."""
+    return weight.abs() * input_sq_norms.sqrt().to(weight.dtype).unsqueeze(0)
+
+
+class Wanda:
+    name = "wanda"
+    needs_calibration = True
+
+    def new_stats(self, in_features: int) -> torch.Tensor:
+        return torch.zeros(in_features, dtype=torch.float64)
+
+    def observe(self, stats: torch.Tensor, x: torch.Tensor) -> None:
+        stats += x.double().pow(2).sum(0).cpu()
+
+    def prune(self, weight: torch.Tensor, stats: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+        mask = nm_mask(wanda_scores(weight, stats.to(weight.device)), pattern)
+        weight.mul_(mask)
+        return mask
