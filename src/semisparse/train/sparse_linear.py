@@ -1,0 +1,384 @@
+"""SparseLinear: a dense master weight used through an N:M mask, with an optional SLoRB branch (AST.md §1, §4).
+
+``sparsify`` swaps the selected linear layers of a model for ``SparseLinear`` in place; ``densify`` swaps them back
+for the stock classes (``nn.Linear`` / GPT-2 ``Conv1D``) holding exactly ``W ⊙ M``, so that a stock transformers
+model can be saved. SLoRB cannot live in a stock model: ``densify`` hands its tensors back and ``attach_slorb``
+re-adds the branch after loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semisparse.layers import Conv1D, LayerFilter, select_layers, weight_matrix
+from semisparse.masks import Pattern, is_nm, nm_mask
+
+SLORB_S = "slorb_S"
+SLORB_X = "slorb_X"
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W ⊙ M`` forward, identity backward: the straight-through estimator of AST.md §1.
+
+    Every dense weight, pruned ones included, receives ``dL/dW̃``, so a pruned weight whose gradient pushes it up can
+    win its group back at the next mask recompute.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def block_indicator(rank: int, k: int, *, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """X of SLoRB at init: [rank, rank*k] with x_ij = 1 iff i*k <= j < (i+1)*k (row i sums input group i)."""
+    return torch.eye(rank, dtype=dtype, device=device).repeat_interleave(k, dim=1)
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose forward uses ``W ⊙ M`` (M an N:M bool mask) while the dense W stays trainable.
+
+    ``weight`` is always [out, in], also when wrapping a GPT-2 ``Conv1D`` (stored [in, out]); ``conv1d`` remembers the
+    original layout so ``to_dense`` can restore it. ``mask`` is a bool buffer that ``recompute_mask``/``set_mask``
+    update *in place*, so references to it (e.g. the optimizer's mask mapping) stay valid.
+    """
+
+    mask: torch.Tensor
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        pattern: Pattern | str,
+        mask: torch.Tensor | None = None,
+        *,
+        conv1d: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear needs a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        self.pattern = Pattern.parse(pattern)
+        if weight.shape[1] % self.pattern.m:
+            raise ValueError(
+                f"in_features={weight.shape[1]} is not a multiple of M={self.pattern.m} (pattern {self.pattern})"
+            )
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias
+        self.conv1d = conv1d
+        self.register_buffer("mask", torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))
+        if mask is None:
+            self.recompute_mask()
+        else:
+            self.set_mask(mask)
+        # SLoRB branch (AST.md §4): absent until add_slorb / set_slorb.
+        self.slorb_S: nn.Parameter | None = None
+        self.slorb_X: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, pattern: Pattern | str, mask: torch.Tensor | None = None
+    ) -> "SparseLinear":
+        """Wrap an ``nn.Linear`` (its weight Parameter is reused, no copy) or a GPT-2 ``Conv1D`` (transposed copy)."""
+        if Conv1D is not None and isinstance(module, Conv1D):
+            weight = nn.Parameter(weight_matrix(module).contiguous(), requires_grad=module.weight.requires_grad)
+            layer = cls(weight, module.bias, pattern, mask, conv1d=True)
+        elif isinstance(module, nn.Linear):
+            layer = cls(module.weight, module.bias, pattern, mask)
+        else:
+            raise TypeError(f"not a linear layer: {type(module).__name__}")
+        layer.train(module.training)
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        """A stock ``nn.Linear``/``Conv1D`` holding exactly ``W ⊙ M`` (pruned entries stored as zeros), no SLoRB."""
+        with torch.no_grad():
+            masked = self.masked_weight()
+        out_f, in_f = masked.shape
+        # Build on the meta device: the constructors' random init would be wasted work on large layers.
+        with torch.device("meta"):
+            module: nn.Module = (
+                Conv1D(out_f, in_f) if self.conv1d else nn.Linear(in_f, out_f, bias=self.bias is not None)
+            )
+        data = masked.t().contiguous() if self.conv1d else masked
+        module.weight = nn.Parameter(data, requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            module.bias = self.bias
+        elif self.conv1d:  # Conv1D always has a bias: a missing one is a zero bias
+            module.bias = nn.Parameter(torch.zeros(out_f, dtype=masked.dtype, device=masked.device))
+        module.train(self.training)
+        return module
+
+    # ------------------------------------------------------------------------------------------------------- mask
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (in place). It must be bool, shaped like the weight and exactly N:M."""
+        if mask.dtype != torch.bool:
+            # An int mask is the reference code's bug (AST.md §2): `~` on ints is a bitwise NOT, not a logical one.
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        if not is_nm(mask, self.pattern):
+            raise ValueError(
+                f"mask is not {self.pattern}: some group of {self.pattern.m} does not keep exactly {self.pattern.n}"
+            )
+        self.mask.copy_(mask)
+
+    @torch.no_grad()
+    def recompute_mask(self) -> torch.Tensor:
+        """Magnitude N:M mask of the current dense weight; stored in place and returned (as a separate tensor)."""
+        new = nm_mask(self.weight.detach().abs(), self.pattern)
+        self.mask.copy_(new)
+        return new
+
+    def masked_weight(self) -> torch.Tensor:
+        """``W ⊙ M`` with the straight-through gradient to W."""
+        return _MaskedWeight.apply(self.weight, self.mask)
+
+    # ------------------------------------------------------------------------------------------------------ SLoRB
+
+    @property
+    def has_slorb(self) -> bool:
+        return self.slorb_S is not None
+
+    @torch.no_grad()
+    def add_slorb(self, k: int, train_x: bool = True) -> None:
+        """Add SLoRB with group size k, "mean" init from the current mask: X = block indicator, S_ij = mean over
+        input group j of the pruned weights of row i (zeros counted), so each group's weight sum is preserved."""
+        if k <= 0 or self.in_features % k:
+            raise ValueError(f"SLoRB group size k={k} must be a positive divisor of in_features={self.in_features}")
+        rank = self.in_features // k
+        pruned = self.weight.detach().masked_fill(self.mask, 0)
+        s = pruned.reshape(self.out_features, rank, k).sum(-1) / k
+        x = block_indicator(rank, k, dtype=self.weight.dtype, device=self.weight.device)
+        self.set_slorb(s, x, train_x)
+
+    def set_slorb(self, s: torch.Tensor, x: torch.Tensor, train_x: bool = True) -> None:
+        """Install (or replace) the SLoRB tensors: S [out, r] always trainable; X [r, in] a Parameter iff train_x,
+        else a buffer (frozen, not seen by optimizers built from ``parameters()``)."""
+        fits = s.dim() == 2 and x.dim() == 2 and s.shape[1] == x.shape[0]
+        if not (fits and s.shape[0] == self.out_features and x.shape[1] == self.in_features):
+            raise ValueError(
+                f"SLoRB shapes S {tuple(s.shape)}, X {tuple(x.shape)} do not fit a layer of "
+                f"[out, in] = [{self.out_features}, {self.in_features}] (need S [out, r], X [r, in])"
+            )
+        # Drop any previous X first: it may be registered as the other kind (parameter vs buffer).
+        for name in (SLORB_S, SLORB_X):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            self.__dict__.pop(name, None)
+        like = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.slorb_S = nn.Parameter(s.detach().to(**like).clone())
+        x = x.detach().to(**like).clone()
+        if train_x:
+            self.slorb_X = nn.Parameter(x)
+        else:
+            self.register_buffer(SLORB_X, x)
+
+    def remove_slorb(self) -> None:
+        for name in (SLORB_S, SLORB_X):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        self.slorb_S = None
+        self.slorb_X = None
+
+    def slorb_tensors(self) -> dict[str, torch.Tensor]:
+        """{"slorb_S": S, "slorb_X": X} detached, or {} without SLoRB."""
+        if self.slorb_S is None or self.slorb_X is None:
+            return {}
+        return {SLORB_S: self.slorb_S.detach(), SLORB_X: self.slorb_X.detach()}
+
+    # ---------------------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.masked_weight(), self.bias)
+        if self.slorb_S is not None and self.slorb_X is not None:
+            # Kept as a separate two-GEMM branch: merging S·X into W would break N:M.
+            y = y + F.linear(F.linear(x, self.slorb_X), self.slorb_S)
+        return y
+
+    def extra_repr(self) -> str:
+        slorb = f", slorb_rank={self.slorb_S.shape[1]}" if self.slorb_S is not None else ""
+        layout = ", conv1d" if self.conv1d else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={self.pattern}{layout}{slorb}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- model level
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """Qualified name -> SparseLinear, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def param_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """{dense weight: its live mask buffer}: the mapping the masked optimizer needs. The buffers are updated in
+    place by ``recompute_mask``, so this mapping never goes stale."""
+    return {layer.weight: layer.mask for layer in sparse_layers(model).values()}
+
+
+def sparsify(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None,
+    pattern: Pattern | str,
+    layer_filter: LayerFilter | None = None,
+    slorb_k: int | None = None,
+    train_x: bool = True,
+) -> dict[str, SparseLinear]:
+    """Replace every selected linear layer by a SparseLinear, in place.
+
+    ``masks`` ([out, in] bool, keyed by qualified layer name) must cover exactly the selected layers; None means
+    magnitude masks of the current weights. ``slorb_k`` adds a SLoRB branch (mean init) to every layer. Build the
+    optimizer *after* this call: GPT-2 ``Conv1D`` weights become new (transposed) Parameters.
+    """
+    pattern = Pattern.parse(pattern)
+    if sparse_layers(model):
+        raise ValueError("model already contains SparseLinear layers: call densify() first")
+    selected = select_layers(model, layer_filter)
+    if not selected:
+        raise ValueError("no linear layer selected: check the layer filter")
+    for name, module in selected.items():
+        if weight_matrix(module).shape[1] % pattern.m:
+            raise ValueError(
+                f"layer {name}: in_features={weight_matrix(module).shape[1]} is not a multiple of M={pattern.m}, "
+                f"so it cannot be {pattern} sparse (exclude it with the layer filter)"
+            )
+    if masks is not None:
+        missing = [n for n in selected if n not in masks]
+        unused = [n for n in masks if n not in selected]
+        if missing or unused:
+            raise ValueError(f"masks do not match the selected layers: missing {missing}, not selected {unused}")
+
+    wrapped: dict[str, SparseLinear] = {}
+    for name, module in selected.items():
+        mask = None
+        if masks is not None:
+            mask = masks[name].to(weight_matrix(module).device)
+        try:
+            layer = SparseLinear.from_dense(module, pattern, mask)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"layer {name}: {err}") from err
+        if slorb_k is not None:
+            try:
+                layer.add_slorb(slorb_k, train_x)
+            except ValueError as err:
+                raise ValueError(f"layer {name}: {err}") from err
+        _set_submodule(model, name, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def densify(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inverse of ``sparsify``: put back stock layers holding exactly ``W ⊙ M``.
+
+    Returns (masks {name: [out, in] bool}, slorb {"<name>.slorb_S"/"<name>.slorb_X": tensor}); the SLoRB branch is
+    no longer in the model's forward after this, re-add it with ``attach_slorb``.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    slorb: dict[str, torch.Tensor] = {}
+    for name, layer in sparse_layers(model).items():
+        masks[name] = layer.mask.detach().clone()
+        for key, tensor in layer.slorb_tensors().items():
+            slorb[f"{name}.{key}"] = tensor.clone()
+        _set_submodule(model, name, layer.to_dense())
+    return masks, slorb
+
+
+def attach_slorb(
+    model: nn.Module,
+    slorb_tensors: Mapping[str, torch.Tensor],
+    pattern: Pattern | str = "2:4",
+    masks: Mapping[str, torch.Tensor] | None = None,
+    train_x: bool = False,
+) -> dict[str, SparseLinear]:
+    """Re-add saved SLoRB branches ("<name>.slorb_S" / "<name>.slorb_X") to a model, e.g. right after loading.
+
+    A layer that is already a SparseLinear just gets S and X. A stock layer is wrapped in a SparseLinear first, with
+    its mask from ``masks`` or, when None, the magnitude mask of its stored weights, which is exact for weights that
+    already are N:M sparse (checked: anything else raises rather than silently pruning more). ``train_x`` False
+    (loading for evaluation) stores X as a buffer.
+    """
+    pattern = Pattern.parse(pattern)
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in slorb_tensors.items():
+        name, _, kind = key.rpartition(".")
+        if kind not in (SLORB_S, SLORB_X) or not name:
+            raise ValueError(
+                f"unexpected SLoRB tensor name {key!r}: expected '<layer>.{SLORB_S}' or '<layer>.{SLORB_X}'"
+            )
+        by_layer.setdefault(name, {})[kind] = tensor
+    modules = dict(model.named_modules())
+    attached: dict[str, SparseLinear] = {}
+    for name, parts in by_layer.items():
+        if set(parts) != {SLORB_S, SLORB_X}:
+            raise ValueError(f"layer {name}: SLoRB needs both {SLORB_S} and {SLORB_X}, got {sorted(parts)}")
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"SLoRB tensors for {name!r}, but the model has no such layer")
+        if not isinstance(module, SparseLinear):
+            mask = None
+            if masks is not None:
+                if name not in masks:
+                    raise ValueError(f"layer {name}: no mask given")
+                mask = masks[name].to(weight_matrix(module).device)
+            try:
+                layer = SparseLinear.from_dense(module, pattern, mask)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"layer {name}: {err}") from err
+            if not torch.equal(layer.masked_weight().detach(), layer.weight.detach()):
+                raise ValueError(
+                    f"layer {name}: stored weights are not {pattern} sparse under the "
+                    f"{'given' if masks is not None else 'magnitude'} mask; pass the right pattern or masks"
+                )
+            _set_submodule(model, name, layer)
+            module = layer
+        try:
+            module.set_slorb(parts[SLORB_S], parts[SLORB_X], train_x)
+        except ValueError as err:
+            raise ValueError(f"layer {name}: {err}") from err
+        attached[name] = module
+    return attached
+
+
+def slorb_parameter_count(model: nn.Module) -> int:
+    """Entries of all SLoRB branches: S always; X unless it is a frozen block indicator (at inference that is a
+    plain group sum with no weights, AST.md §4). A trainable X counts even at init, as in the paper's Table 2."""
+    total = 0
+    for layer in sparse_layers(model).values():
+        if layer.slorb_S is None or layer.slorb_X is None:
+            continue
+        total += layer.slorb_S.numel()
+        x = layer.slorb_X
+        rank, in_f = x.shape
+        frozen_indicator = (
+            not x.requires_grad
+            and in_f % rank == 0
+            and torch.equal(x, block_indicator(rank, in_f // rank, dtype=x.dtype, device=x.device))
+        )
+        if not frozen_indicator:
+            total += x.numel()
+    return total
