@@ -1,0 +1,1 @@
+"""Evaluation of (pruned) causal language models."""
