@@ -15,7 +15,7 @@ from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import PerplexityResult, perplexity
 from semisparse.layers import LayerFilter, select_layers
 from semisparse.masks import Pattern
-from semisparse.models import RUN_META, load_model, package_versions, save_run_dir
+from semisparse.models import load_model, package_versions, save_run_dir
 from semisparse.prune import get_method, prune_model
 
 
@@ -188,8 +188,9 @@ def evaluate(
             batch_size=batch_size, device=device,
         )
     if json_out is None:
-        run_dir = Path(loaded.path)
-        json_out = run_dir / "eval.json" if (run_dir / RUN_META).is_file() else Path("eval.json")
+        # Results live beside a local model; a hub id or the shipped default writes into the working directory.
+        local = Path(model).expanduser()
+        json_out = local / "eval.json" if local.is_dir() else Path("eval.json")
     record_path = write_eval_json(Path(json_out), loaded.source, record)
     record["json"] = str(record_path)
     return record

@@ -119,6 +119,19 @@ def eval_(
     console.print(f"results written to {record['json']}")
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories to compare (dense, one-shot, retrained)."),
+    out: Path = typer.Option(..., help="Folder for report.md and its PNG plots."),
+    name: Optional[list[str]] = typer.Option(None, help="Display name per run, in order (repeatable)."),
+) -> None:
+    """Write a Markdown report with plots comparing run directories."""
+    from semisparse.evaluate.report import write_report
+
+    path = write_report(list(run_dirs), out, list(name) if name else None)
+    console.print(f"report written to {path}")
+
+
 def main() -> None:
     from semisparse.errors import UserError
 
