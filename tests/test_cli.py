@@ -11,9 +11,29 @@ from semisparse.layers import select_layers, weight_matrix
 from semisparse.masks import is_nm
 
 
-def run_cli(*args, cwd=None):
+def run_cli_subprocess(*args):
     return subprocess.run([sys.executable, "-m", "semisparse.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+                          timeout=600)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """The CLI in-process (fast): returns an object with returncode, stdout and stderr like subprocess.run."""
+    from types import SimpleNamespace
+
+    from semisparse.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
 @pytest.fixture
@@ -24,7 +44,7 @@ def calib_txt(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
-def test_prune_cli_writes_stock_loadable_run_dir(tmp_path, llama_dir, calib_txt, method):
+def test_prune_cli_writes_stock_loadable_run_dir(tmp_path, llama_dir, calib_txt, method, run_cli):
     out = tmp_path / "run"
     r = run_cli("prune", llama_dir, "--method", method, "--calib", calib_txt, "--nsamples", 4, "--seqlen", 32,
                 "--out", out, "--ppl", calib_txt, "--ppl-seqlen", 32)
@@ -57,7 +77,7 @@ def test_prune_cli_writes_stock_loadable_run_dir(tmp_path, llama_dir, calib_txt,
     assert ev["perplexity"][str(calib_txt)]["ppl"] == pytest.approx(ev["perplexity"][f"pruned:{calib_txt}"]["ppl"])
 
 
-def test_eval_writes_json_where_asked(tmp_path, gpt2_dir, calib_txt):
+def test_eval_writes_json_where_asked(tmp_path, gpt2_dir, calib_txt, run_cli):
     target = tmp_path / "res.json"
     r = run_cli("eval", gpt2_dir, "--ppl", calib_txt, "--seqlen", 64, "--json", target)
     assert r.returncode == 0, r.stderr
@@ -80,26 +100,63 @@ def test_eval_writes_json_where_asked(tmp_path, gpt2_dir, calib_txt):
         (["eval", "{tmp}", "--ppl", "default"], "no config.json"),
     ],
 )
-def test_bad_input_one_line_exit_2(tmp_path, llama_dir, args, message):
+def test_bad_input_one_line_exit_2(tmp_path, llama_dir, args, message, run_cli):
     (tmp_path / "empty.txt").write_text("")
     args = [a.format(model=llama_dir, tmp=tmp_path) for a in args]
     r = run_cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("Loading weights")]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
 
+def test_real_exit_code_and_single_line_from_a_subprocess(tmp_path, llama_dir):
+    r = run_cli_subprocess("prune", llama_dir, "--pattern", "2:4:1", "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["semisparse: error: malformed N:M pattern '2:4:1': expected two integers like '2:4'"]
+
+
 def test_debug_shows_traceback(tmp_path, llama_dir):
-    r = run_cli("--debug", "prune", llama_dir, "--pattern", "3:2", "--out", tmp_path / "o")
+    r = run_cli_subprocess("--debug", "prune", llama_dir, "--pattern", "3:2", "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_existing_output_is_not_overwritten(tmp_path, llama_dir):
+def test_existing_output_is_not_overwritten(tmp_path, llama_dir, run_cli):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     r = run_cli("prune", llama_dir, "--method", "magnitude", "--out", out)
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tasks", "arc_easy,not_a_task"], "unknown zero-shot task"),
+        (["--tasks", "arc_easy", "--limit", "0"], "--limit must be positive"),
+        (["--tasks", "arc_easy", "--task-data", "{tmp}/nowhere"], "task data folder not found"),
+    ],
+)
+def test_zeroshot_bad_input_exit_2(tmp_path, llama_dir, extra, message, run_cli):
+    r = run_cli("eval", llama_dir, *[a.format(tmp=tmp_path) for a in extra])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zeroshot_cli_table_json_and_report(tmp_path, llama_dir, shared_data, calib_txt, run_cli):
+    out = tmp_path / "run"
+    assert run_cli("prune", llama_dir, "--method", "magnitude", "--out", out).returncode == 0
+    r = run_cli("eval", out, "--tasks", "arc_easy,arc_challenge,copa", "--task-data", shared_data, "--limit", 2,
+                "--ppl", calib_txt, "--seqlen", 32)
+    assert r.returncode == 0, r.stderr
+    assert "arc_easy" in r.stdout and "missing" in r.stdout and "mean" in r.stdout
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["zeroshot"]["missing"] == ["arc_challenge"]
+    assert ev["zeroshot"]["tasks"]["arc_easy"]["n_docs"] == 2
+    assert str(calib_txt) in ev["perplexity"]
+    r = run_cli("report", llama_dir, out, "--out", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "arc_easy" in text and f"{ev['perplexity'][str(calib_txt)]['ppl']:.2f}" in text

@@ -171,6 +171,10 @@ def evaluate(
         raise UserError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive (got {limit})")
+    if tasks:  # check names and folders before the (slow) model load
+        from semisparse.evaluate.zeroshot import check_zeroshot_args
+
+        check_zeroshot_args(tasks, task_data, limit, batch_size)
     sources = {spec: data_mod.load_text(spec, split="eval", field=text_field) for spec in ppl or []}
     loaded = load_model(model, device=device)
     record: dict = {}

@@ -132,11 +132,63 @@ def report(
     console.print(f"report written to {path}")
 
 
-def main() -> None:
+@app.command()
+def train(
+    model: str = typer.Argument(..., help=MODEL_HELP + " Also the frozen dense teacher (see --teacher)."),
+    out: Path = typer.Option(..., help="Run directory to write (model, masks, metrics, plots, checkpoints)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="Shipped recipe (ast-naive, ast-boosted, fixed-mask-kd, naive-ce) or a YAML file (default: ast-naive)."
+    ),
+    init: Optional[str] = typer.Option(
+        None, help="Initial mask: magnitude, wanda, sparsegpt, or a `semisparse prune` run directory (default: recipe)."
+    ),
+    pattern: Optional[str] = typer.Option(None, help="N:M pattern (default: recipe, 2:4)."),
+    data: Optional[str] = typer.Option(None, help="Training text (default: recipe, default). " + DATA_HELP),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out text for perplexity (default: the eval part of --data)."),
+    tokens: Optional[int] = typer.Option(None, help="Training token budget (steps = tokens / tokens per step)."),
+    teacher: Optional[str] = typer.Option(
+        None, help="Dense teacher (default: MODEL, or the dense model recorded in an --init run directory)."
+    ),
+    seq_len: Optional[int] = typer.Option(None, help="Training sequence length (default: recipe)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch (default: recipe)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: recipe)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: recipe)."),
+    alpha: Optional[float] = typer.Option(None, help="Distillation weight α, 0 to 1; 0 = CE only (default: recipe)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order and initialisation (default: recipe)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: recipe, auto)."),
+    text_field: Optional[str] = typer.Option(None, help="Field holding the text in .jsonl/.parquet data."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="Any recipe field, SECTION.FIELD=VALUE (repeatable), e.g. --set mask.every=20."
+    ),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest valid checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Retrain MODEL to N:M sparsity with AST (adaptive masks, annealed SR-STE, distillation, optional SLoRB)."""
+    from semisparse.config import parse_set
+    from semisparse.train.trainer import train as run_training
+
+    overrides = parse_set(set_)
+    overrides.update({
+        "init.source": init, "pattern": pattern, "data.train": data, "data.eval": eval_data,
+        "data.text_field": text_field, "train.tokens": tokens, "distill.teacher": teacher,
+        "train.seq_len": seq_len, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+        "optim.lr": lr, "distill.alpha": alpha, "train.seed": seed, "train.device": device,
+    })
+    result = run_training(model, out, recipe, overrides, resume=resume, overwrite=overwrite, progress=progress)
+    s = result.summary
+    ppl = ""
+    if s["final_eval_ppl"] is not None and s["initial_eval_ppl"] is not None:
+        ppl = f", held-out ppl {s['initial_eval_ppl']:.3f} -> {s['final_eval_ppl']:.3f}"
+    slorb = f", SLoRB {s['slorb_params']:,} params" if s["slorb_params"] else ""
+    console.print(f"trained {s['steps']} steps ({s['tokens']:,} tokens){ppl}{slorb} -> {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
     from semisparse.errors import UserError
 
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise

@@ -123,7 +123,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         if slorb_path.is_file():
             from semisparse.train.sparse_linear import attach_slorb
 
-            attach_slorb(model, load_file(str(slorb_path)), pattern=meta.get("pattern", "2:4"))
+            masks = {name: m.to(device) for name, m in load_masks(Path(path)).items()}
+            try:
+                attach_slorb(model, load_file(str(slorb_path)), pattern=meta.get("pattern", "2:4"), masks=masks)
+            except ValueError as exc:
+                raise UserError(f"cannot attach the SLoRB branch of {path}: {exc}") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=path, run_meta=meta)
 
 

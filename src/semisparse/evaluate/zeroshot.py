@@ -396,7 +396,7 @@ def build_offline_task(name: str, docs: list[dict], source: str = "local", task_
 # --------------------------------------------------------------------------------------------
 
 
-def _check_args(tasks, task_data, limit, batch_size) -> list[str]:
+def check_zeroshot_args(tasks, task_data, limit, batch_size) -> list[str]:
     if isinstance(tasks, str):
         tasks = [tasks]
     names = list(dict.fromkeys(str(t).strip() for t in tasks))
@@ -472,7 +472,7 @@ def run_zeroshot(
         UserError: unknown task, ``limit`` <= 0, missing ``task_data`` folder, malformed local file,
         lm-eval not installed.
     """
-    names = _check_args(tasks, task_data, limit, batch_size)
+    names = check_zeroshot_args(tasks, task_data, limit, batch_size)
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
