@@ -137,14 +137,17 @@ def train(
     model: str = typer.Argument(..., help=MODEL_HELP + " Also the frozen dense teacher (see --teacher)."),
     out: Path = typer.Option(..., help="Run directory to write (model, masks, metrics, plots, checkpoints)."),
     recipe: Optional[str] = typer.Option(
-        None, help="Shipped recipe (ast-naive, ast-boosted, fixed-mask-kd, naive-ce) or a YAML file (default: ast-naive)."
+        None, help="Shipped recipe (ast-naive, ast-boosted, fixed-mask-kd, naive-ce) or a YAML file "
+        "(default: ast-naive)."
     ),
     init: Optional[str] = typer.Option(
         None, help="Initial mask: magnitude, wanda, sparsegpt, or a `semisparse prune` run directory (default: recipe)."
     ),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern (default: recipe, 2:4)."),
     data: Optional[str] = typer.Option(None, help="Training text (default: recipe, default). " + DATA_HELP),
-    eval_data: Optional[str] = typer.Option(None, help="Held-out text for perplexity (default: the eval part of --data)."),
+    eval_data: Optional[str] = typer.Option(
+        None, help="Held-out text for perplexity (default: the eval part of --data)."
+    ),
     tokens: Optional[int] = typer.Option(None, help="Training token budget (steps = tokens / tokens per step)."),
     teacher: Optional[str] = typer.Option(
         None, help="Dense teacher (default: MODEL, or the dense model recorded in an --init run directory)."

@@ -30,3 +30,12 @@ __all__ = [
     "sparse_layers",
     "sparsify",
 ]
+
+
+def __getattr__(name: str):
+    # The training loop imports data, pruning and evaluation code: loaded only when asked for.
+    if name in ("train", "TrainResult"):
+        from semisparse.train import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
