@@ -1,3 +1,4 @@
+import torch
 import pytest
 
 from tiny import SHARED_DATA, make_gpt2, make_llama, make_tokenizer, save_model_dir
@@ -33,3 +34,8 @@ def llama_dir(tmp_path, tokenizer):
 @pytest.fixture
 def gpt2_dir(tmp_path, tokenizer):
     return save_model_dir(make_gpt2(), tokenizer, tmp_path / "tiny-gpt2")
+
+
+# One thread: tiny models run fastest on one, and two OpenMP threads thrash (10-50x slower) as soon as
+# anything else uses a core of this 2-core machine.
+torch.set_num_threads(1)
