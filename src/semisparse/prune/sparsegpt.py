@@ -49,7 +49,7 @@ def sparsegpt_prune(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] given H [in, in]; returns (pruned weight, bool mask). Inputs are not modified."""
-    n, m = pattern.n, pattern.m
+    m = pattern.m
     W = weight.detach().to(dtype).clone()
     H = hessian.detach().to(dtype).clone()
     cols = W.shape[1]
