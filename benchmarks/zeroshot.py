@@ -26,6 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 validation windows of 2048 (0: none)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zeroshot")
     p.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "results" / "zeroshot-report")
     args = p.parse_args()
@@ -50,8 +51,9 @@ def main() -> None:
     rows = {}
     for name in ("dense", "sparsegpt", "magnitude"):
         start = time.perf_counter()
-        record = api.evaluate(str(args.runs / name), tasks=TASKS, task_data=str(SHARED), limit=args.limit,
-                              batch_size=args.batch_size, progress=False)
+        ppl = [str(SHARED / "wikitext2" / "wiki.valid.raw")] if args.ppl_windows else None
+        record = api.evaluate(str(args.runs / name), ppl=ppl, max_windows=args.ppl_windows or None, tasks=TASKS,
+                              task_data=str(SHARED), limit=args.limit, batch_size=args.batch_size, progress=False)
         rows[name] = (record["zeroshot"], time.perf_counter() - start)
 
     print(json.dumps({
@@ -59,6 +61,7 @@ def main() -> None:
         "python": platform.python_version(),
         "versions": package_versions(),
         "settings": {"model": "SmolLM2-135M-Instruct", "pattern": "2:4", "limit": args.limit,
+                     "ppl": f"WikiText-2 valid, seqlen 2048, first {args.ppl_windows} windows",
                      "sparsegpt calibration": "C4 sample, 128 x 512 tokens, seed 0", "num_fewshot": 0},
     }, indent=1))
     print("\n| task | dense acc | SparseGPT 2:4 acc | magnitude 2:4 acc | docs |")
