@@ -47,8 +47,9 @@ def _read_txt(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    docs = []
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file (blank lines skipped); a bad line is a UserError naming file and line."""
+    rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -56,11 +57,19 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if field not in row:
-                raise UserError(f"{path}:{lineno}: no field {field!r} (choose one with --text-field)")
-            docs.append(str(row[field]))
-    return docs
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    rows = read_jsonl(path)
+    for lineno, row in enumerate(rows, 1):
+        if field not in row:
+            raise UserError(f"{path}: record {lineno} has no field {field!r} (choose one with --text-field)")
+    return [str(row[field]) for row in rows]
 
 
 def _read_parquet(path: Path, field: str) -> list[str]:

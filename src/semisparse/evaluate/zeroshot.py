@@ -44,13 +44,13 @@ split, the tasks whose files are missing, and the mean ``acc`` over the tasks th
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from semisparse.data import read_jsonl as _read_jsonl
 from semisparse.errors import UserError
 
 __all__ = ["KNOWN_TASKS", "TASKS", "TaskSpec", "build_offline_task", "builtin_task_config", "load_local_docs", "run_zeroshot"]
@@ -59,22 +59,6 @@ __all__ = ["KNOWN_TASKS", "TASKS", "TaskSpec", "build_offline_task", "builtin_ta
 # --------------------------------------------------------------------------------------------
 # Local files -> documents in the built-in tasks' (hub) field layout
 # --------------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object per line")
-            rows.append(row)
-    return rows
 
 
 def _read_labels(path: Path, n: int) -> list[str]:
