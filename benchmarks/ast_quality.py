@@ -65,7 +65,9 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="in-training held-out (C4 validation) windows")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (for resuming)")
     p.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="comma-separated recipe names; RECIPE+field=value[+field=value] adds an ablation of a recipe "
+                        "(e.g. ast-naive+decay.variant=grad), trained into a run dir of that name")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-ast")
     p.add_argument("--out", type=Path, default=RESULTS / "ast_quality.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "ast_quality_flip_rate.png")
@@ -78,10 +80,14 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=512, help=argparse.SUPPRESS)
     args = p.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for item in recipes:
+        if any("=" not in part for part in item.split("+")[1:]):
+            p.error(f"--recipes item {item!r}: ablation fields are written RECIPE+field=value")
 
     import torch
 
     from semisparse import api
+    from semisparse.config import parse_set
     from semisparse.models import package_versions
     from semisparse.train.trainer import train
 
@@ -124,14 +130,15 @@ def main() -> None:
     }
     rows = []
     for name in recipes:
+        recipe, *extra = name.split("+")
         run_dir = work / name
         state = run_state(run_dir)
         train_s = None
         if state != "done":
             print(f"[ast_quality] training {name} ({state}) -> {run_dir}", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            train(args.model, run_dir, recipe=name, overrides=overrides, resume=state == "resume",
-                  overwrite=state == "fresh", progress=True)
+            train(args.model, run_dir, recipe=recipe, overrides={**overrides, **parse_set(extra)},
+                  resume=state == "resume", overwrite=state == "fresh", progress=True)
             train_s = time.perf_counter() - start
         meta = json.loads((run_dir / "semisparse.json").read_text())
         metrics = read_metrics(run_dir / "metrics.jsonl")
