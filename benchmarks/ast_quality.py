@@ -32,17 +32,6 @@ RECIPES = ["naive-ce", "fixed-mask-kd", "ast-naive", "ast-boosted"]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
 def run_state(run_dir: Path) -> str:
     """done | resume | fresh"""
     from semisparse.models import RUN_META
@@ -89,7 +78,7 @@ def main() -> None:
     from semisparse import api
     from semisparse.config import parse_set
     from semisparse.models import package_versions
-    from semisparse.train.trainer import train
+    from semisparse.train.trainer import read_metrics, train
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
