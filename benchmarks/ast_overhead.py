@@ -29,15 +29,6 @@ C4 = ROOT.parent / "shared" / "data" / "c4" / "c4_train_shard0_first1000.jsonl"
 VARIANTS = {"ast": "ast-naive", "frozen": "fixed-mask-kd"}
 
 
-def read_steps(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "step_s" in rec:
-            out.append(rec)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="model spec (default: the shipped SmolLM2-135M)")
@@ -59,7 +50,7 @@ def main() -> None:
     import torch
 
     from semisparse.models import package_versions
-    from semisparse.train.trainer import train
+    from semisparse.train.trainer import read_metrics, train
 
     per_round = math.ceil(args.steps / args.rounds)
     total_steps = args.warmup + per_round + 1
@@ -83,7 +74,7 @@ def main() -> None:
                 start = time.perf_counter()
                 res = train(args.model, run_dir, recipe=VARIANTS[key], overrides=common, overwrite=True,
                             progress=False)
-                steps = read_steps(run_dir / "metrics.jsonl")
+                steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step_s" in r]
                 if res.summary["steps"] != total_steps:
                     raise SystemExit(f"expected {total_steps} steps, the run took {res.summary['steps']} "
                                      "(is the model's context shorter than --seq-len?)")
