@@ -2,15 +2,18 @@
 
 The model is pruned once with SparseGPT (C4 sample, 128 x 512) into WORKDIR/sparsegpt (kept if it exists); then each
 recipe (naive-ce, fixed-mask-kd, ast-naive, ast-boosted) retrains that run directory (``init.source``) on the same C4
-text with the same token budget and CPU-sized settings. WikiText-2 validation perplexity (seqlen 2048, first
---ppl-windows windows) is measured for the dense model, the SparseGPT init and every trained model; the gap closed is
-(ppl_sgpt - ppl) / (ppl_sgpt - ppl_dense). Mask flip-rate curves (vs the initial mask) go to one PNG.
+text with the same token budget and CPU-sized settings. ``--init magnitude`` is the paper's setting instead: each run
+prunes by |W| in memory and the pruned weights keep their dense values. WikiText-2 validation perplexity (seqlen 2048,
+first --ppl-windows windows) is measured for the dense model, the one-shot init and every trained model; the gap
+closed is (ppl_init - ppl) / (ppl_init - ppl_dense). Mask flip-rate curves (vs the initial mask and
+the previous one) and training-loss curves go to one PNG.
 
 Resumable: a recipe whose run dir has semisparse.json is not retrained; one with checkpoints is resumed (checkpoints
 every --ckpt-every steps); perplexities already measured with the same settings are cached in WORKDIR/ppl_cache.json.
 
     .venv/bin/python benchmarks/ast_quality.py [--tokens 100000] [--seq-len 256] [--batch-size 4] [--grad-accum 1]
-        [--lr 1e-4] [--eval-windows 4] [--ckpt-every 50] [--ppl-windows 16] [--recipes naive-ce,...] [--out FILE]
+        [--lr 1e-4] [--init sparsegpt|magnitude] [--eval-windows 4] [--ckpt-every 50] [--ppl-windows 16]
+        [--recipes naive-ce,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--init", choices=["sparsegpt", "magnitude"], default="sparsegpt",
+                   help="sparsegpt: every recipe starts from one SparseGPT run dir (pruned weights at its zeros); "
+                        "magnitude: the paper's setting, each run prunes by |W| in memory and the pruned weights "
+                        "keep their dense values (the one-shot magnitude model is saved once for its perplexity)")
     p.add_argument("--eval-windows", type=int, default=4, help="in-training held-out (C4 validation) windows")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (for resuming)")
     p.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
@@ -82,7 +89,6 @@ def main() -> None:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    sgpt_dir = work / "sparsegpt"
     cache_path = work / "ppl_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
 
@@ -98,21 +104,24 @@ def main() -> None:
             cache_path.write_text(json.dumps(cache, indent=1) + "\n")
         return cache[key]
 
-    # 1. SparseGPT one-shot init (once)
+    # 1. one-shot init (once)
     prune_s = None
-    if not (sgpt_dir / "semisparse.json").is_file():
-        print(f"[ast_quality] pruning {args.model} with SparseGPT -> {sgpt_dir}", file=sys.stderr, flush=True)
+    init_dir = work / args.init
+    if not (init_dir / "semisparse.json").is_file():
+        print(f"[ast_quality] pruning {args.model} with {args.init} -> {init_dir}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        api.prune(model=args.model, method="sparsegpt", pattern="2:4", calib=args.data, out=sgpt_dir,
+        api.prune(model=args.model, method=args.init, pattern="2:4", calib=args.data, out=init_dir,
                   nsamples=args.calib_samples, seqlen=args.calib_seqlen, seed=0, overwrite=True, progress=False)
         prune_s = time.perf_counter() - start
 
     dense = ppl_of("dense", args.model)
-    sgpt = ppl_of("sparsegpt", str(sgpt_dir))
+    before = ppl_of(args.init, str(init_dir))  # the one-shot "before" perplexity
 
     # 2. retrain per recipe
     overrides = {
-        "init.source": str(sgpt_dir.resolve()), "train.tokens": args.tokens, "train.seq_len": args.seq_len,
+        # magnitude is deterministic: pruning in memory gives init_dir's mask, with the pruned weights kept dense
+        "init.source": str(init_dir.resolve()) if args.init == "sparsegpt" else "magnitude",
+        "init.pruned_weights": "dense", "train.tokens": args.tokens, "train.seq_len": args.seq_len,
         "train.batch_size": args.batch_size, "train.grad_accum": args.grad_accum, "optim.lr": args.lr,
         "data.train": args.data, "data.eval": args.eval_data, "eval.windows": args.eval_windows, "eval.every": 0,
         "checkpoint.every": args.ckpt_every, "log.tensorboard": False,
@@ -136,7 +145,7 @@ def main() -> None:
         res = ppl_of(name, str(run_dir))
         rows.append({
             "recipe": name, "run_dir": str(run_dir), "ppl": res["ppl"], "ppl_windows": res["windows"],
-            "gap_closed": (sgpt["ppl"] - res["ppl"]) / (sgpt["ppl"] - dense["ppl"]) if sgpt["ppl"] != dense["ppl"]
+            "gap_closed": (before["ppl"] - res["ppl"]) / (before["ppl"] - dense["ppl"]) if before["ppl"] != dense["ppl"]
             else float("nan"),
             "final_init_flip_rate": masks[-1]["init_flip_rate"] if masks else 0.0,
             "final_flip_rate": masks[-1]["flip_rate"] if masks else 0.0,
@@ -146,27 +155,33 @@ def main() -> None:
             "c4_eval_ppl": {"before": meta["final"].get("initial_eval_ppl"), "after": meta["final"].get("eval_ppl")},
             "train_seconds_meta": meta.get("train_seconds"), "train_seconds_this_call": train_s,
             "flip_curve": [(m["step"], m["init_flip_rate"], m["flip_rate"]) for m in masks],
+            "loss_curve": [(m["step"], m["loss"]) for m in steps],
         })
 
-    # 3. flip-rate curves
+    # 3. flip-rate and loss curves
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for r in rows:
         curve = r["flip_curve"] or [(0, 0.0, 0.0), (max((r["steps"] or 1) - 1, 0), 0.0, 0.0)]
         xs = [c[0] for c in curve]
         axes[0].plot(xs, [c[1] for c in curve], label=r["recipe"], marker="." if len(xs) < 50 else None)
         axes[1].plot(xs, [c[2] for c in curve], label=r["recipe"], marker="." if len(xs) < 50 else None)
-    axes[0].set_title("mask flips vs initial (SparseGPT) mask")
+        axes[2].plot([c[0] for c in r["loss_curve"]], [c[1] for c in r["loss_curve"]], label=r["recipe"], lw=1)
+    axes[0].set_title(f"mask flips vs initial ({args.init}) mask")
     axes[1].set_title("mask flips vs previous mask")
+    axes[2].set_title("training loss (each recipe's own: KD or CE)")
     for ax in axes:
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("fraction of sparse weights")
+        ax.set_ylabel("fraction of sparse weights" if ax is not axes[2] else "loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if rows:
+            ax.legend()
+    for ax in axes[:2]:  # flip rates span 1e-6 .. 1e-1 across settings; frozen masks stay at 0
+        ax.set_yscale("symlog", linthresh=1e-6)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
@@ -180,7 +195,9 @@ def main() -> None:
             "model": args.model if args.model != "default" else
             "SmolLM2-135M-Instruct (shipped GGUF Q4_1, de-quantised to fp32)",
             "pattern": "2:4",
-            "init": f"SparseGPT one-shot, {args.calib_samples} x {args.calib_seqlen} tokens of {Path(args.data).name}",
+            "init": f"SparseGPT one-shot run dir, {args.calib_samples} x {args.calib_seqlen} tokens of "
+                    f"{Path(args.data).name}, pruned weights at its zeros" if args.init == "sparsegpt" else
+                    "magnitude 2:4 in memory, pruned weights keep their dense values (the paper's setting)",
             "train": f"{args.tokens} tokens of {Path(args.data).name}, seq_len {args.seq_len}, batch {args.batch_size}"
                      f" x accum {args.grad_accum}, lr {args.lr}, other fields as each shipped recipe",
             "ppl": f"{Path(args.wiki).name}, seqlen 2048, stride 2048, first {args.ppl_windows} windows",
@@ -188,17 +205,17 @@ def main() -> None:
         "prune_seconds_this_call": prune_s,
     }
     print("\n" + json.dumps(header, indent=1))
-    print(f"\ndense ppl {dense['ppl']:.3f}, SparseGPT init ppl {sgpt['ppl']:.3f} "
+    print(f"\ndense ppl {dense['ppl']:.3f}, {args.init} init ppl {before['ppl']:.3f} "
           f"({dense['windows']} windows, {dense['tokens']} tokens)")
-    print("\n| recipe | ppl before (SparseGPT) | ppl after | gap closed | final init_flip_rate | tokens/s | steps |")
+    print(f"\n| recipe | ppl before ({args.init}) | ppl after | gap closed | final init_flip_rate | tokens/s | steps |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
-        print(f"| {r['recipe']} | {sgpt['ppl']:.2f} | {r['ppl']:.2f} | {100 * r['gap_closed']:.1f}% | "
+        print(f"| {r['recipe']} | {before['ppl']:.2f} | {r['ppl']:.2f} | {100 * r['gap_closed']:.1f}% | "
               f"{r['final_init_flip_rate']:.4f} | {tps} | {r['steps']} |")
     print(f"\nflip-rate curves: {args.plot}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"header": header, "dense": dense, "sparsegpt": sgpt, "rows": rows}, indent=1)
+    args.out.write_text(json.dumps({"header": header, "dense": dense, args.init: before, "rows": rows}, indent=1)
                         + "\n")
     print(f"results: {args.out}")
 
