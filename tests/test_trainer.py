@@ -187,7 +187,9 @@ def test_adaptive_masks_schedule_nm_and_logged_flip_rates(tmp_path, tiny_dir, te
 def test_frozen_mask_never_changes(tmp_path, tiny_dir, text, monkeypatch):
     rec = _Recorder(monkeypatch)
     seen = []
-    original_step = torch.optim.AdamW.step
+    from semisparse.train.optim import MaskedAdamW
+
+    original_step = MaskedAdamW.step  # fixed-mask-kd uses the paper's AdamW, as AST does
 
     def step(self, *args, **kwargs):
         out = original_step(self, *args, **kwargs)
@@ -204,7 +206,7 @@ def test_frozen_mask_never_changes(tmp_path, tiny_dir, text, monkeypatch):
         return layers
 
     monkeypatch.setattr(trainer, "sparsify", sparsify)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(MaskedAdamW, "step", step)
     result = run(tmp_path, tiny_dir, text, steps=12, recipe="fixed-mask-kd")
     m0 = [nm_mask(w.abs(), "2:4") for w in dense.values()]
     assert not rec.calls and len(seen) == 12
