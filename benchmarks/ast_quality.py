@@ -213,7 +213,7 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         print(f"| {r['recipe']} | {before['ppl']:.2f} | {r['ppl']:.2f} | {100 * r['gap_closed']:.1f}% | "
               f"{r['final_init_flip_rate']:.4f} | {tps} | {r['steps']} |")
-    print(f"\nflip-rate curves: {args.plot}")
+    print(f"\nflip-rate and loss curves: {args.plot}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"header": header, "dense": dense, args.init: before, "rows": rows}, indent=1)
                         + "\n")
