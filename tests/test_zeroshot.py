@@ -143,6 +143,39 @@ ARC_HUB = [
            "answerKey": "B"}),
 ]
 
+ARC_CHALLENGE_HUB = [  # one item labelled 1-4, one with 3 choices, one with 5
+    (0, {"id": "Mercury_7175875",
+         "question": "An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most "
+                     "likely effect of this increase in rotation?",
+         "choices": {"text": ["Planetary density will decrease.", "Planetary years will become longer.",
+                              "Planetary days will become shorter.", "Planetary gravity will become stronger."],
+                     "label": ["A", "B", "C", "D"]},
+         "answerKey": "C"}),
+    (44, {"id": "NYSEDREGENTS_2008_8_34",
+          "question": "Which statement best describes the energy changes that occur while a child is riding on a sled "
+                      "down a steep, snow-covered hill?",
+          "choices": {"text": ["Kinetic energy decreases and potential energy increases.",
+                               "Kinetic energy increases and potential energy decreases.",
+                               "Both potential energy and kinetic energy decrease.",
+                               "Both potential energy and kinetic energy increase."],
+                      "label": ["1", "2", "3", "4"]},
+          "answerKey": "2"}),
+    (121, {"id": "NYSEDREGENTS_2010_4_4",
+           "question": "A toy truck rolls over a smooth surface. If the surface is covered with sand, the truck will "
+                       "most likely roll",
+           "choices": {"text": ["slower", "faster", "at the same speed"], "label": ["A", "B", "C"]},
+           "answerKey": "A"}),
+    (836, {"id": "TIMSS_1995_8_J7", "question": "How are warm-blooded animals different from cold-blooded animals?",
+           "choices": {"text": ["Warm-blooded animals have a higher metabolism in warm weather.",
+                                "Warm-blooded animals are more aggressive in captivity.",
+                                "Warm-blooded animals always have a higher blood temperature.",
+                                "Warm-blooded animals normally maintain a fairly constant internal temperature at all "
+                                "air temperatures.",
+                                "Warm-blooded animals are found only in warm climates."],
+                       "label": ["A", "B", "C", "D", "E"]},
+           "answerKey": "D"}),
+]
+
 HELLASWAG_HUB = [
     (0, {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
          "ctx": "A man is sitting on a roof. he",
@@ -242,6 +275,7 @@ def _boolq_no_title(ref_ctx, hub_doc):
 CASES = {
     # name: (hub documents, (hub path, hub name) the built-in task loads, expected context of ours from the reference's)
     "arc_easy": (lambda d: ARC_HUB, ("allenai/ai2_arc", "ARC-Easy"), _same),
+    "arc_challenge": (lambda d: ARC_CHALLENGE_HUB, ("allenai/ai2_arc", "ARC-Challenge"), _same),
     "hellaswag": (lambda d: HELLASWAG_HUB, ("Rowan/hellaswag", None), _hellaswag_lowercase),
     "piqa": (lambda d: PIQA_HUB, ("baber/piqa", None), _same),
     "winogrande": (lambda d: WINOGRANDE_HUB, ("allenai/winogrande", "winogrande_xl"), _same),
@@ -254,7 +288,7 @@ CASES = {
 
 
 def test_every_task_with_local_data_has_a_reference_case():
-    assert set(CASES) == set(KNOWN_TASKS) - {"arc_challenge"}
+    assert set(CASES) == set(KNOWN_TASKS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -285,8 +319,9 @@ def test_offline_requests_equal_builtin_task(name, shared_data, monkeypatch):
 def _spec(name, shared_data, n):
     """Requests and gold answers for the first n local documents, written from the built-in YAMLs' formulas."""
     d = shared_data
-    if name == "arc_easy":
-        rows = [raw_jsonl(d / "arc_easy/ARC-Easy-Test.jsonl", i) for i in range(n)]
+    if name in ("arc_easy", "arc_challenge"):
+        file = {"arc_easy": "arc_easy/ARC-Easy-Test.jsonl", "arc_challenge": "arc_challenge/ARC-Challenge-Test.jsonl"}[name]
+        rows = [raw_jsonl(d / file, i) for i in range(n)]
         return [([(f"Question: {r['question']['stem']}\nAnswer:", " " + c["text"]) for c in r["question"]["choices"]],
                  [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])) for r in rows]
     if name == "piqa":
@@ -354,11 +389,14 @@ def test_hellaswag_bracket_artefacts_are_removed_like_lm_eval(shared_data):
 
 
 def test_local_document_counts(shared_data):
-    counts = {"arc_easy": 2376, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "boolq": 3270, "rte": 277,
-              "openbookqa": 500, "lambada_openai": 5153, "copa": 100}
+    counts = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
+              "boolq": 3270, "rte": 277, "openbookqa": 500, "lambada_openai": 5153, "copa": 100}
     for name, n in counts.items():
         assert len(load_local_docs(name, shared_data)) == n, name
-    assert load_local_docs("arc_challenge", shared_data) is None
+
+
+def test_absent_task_files_load_as_none(tmp_path):
+    assert load_local_docs("arc_challenge", tmp_path) is None
 
 
 # ------------------------------------------------------------------ running through the harness
@@ -402,7 +440,7 @@ def test_missing_task_files_are_reported(llama, tokenizer, shared_data, tmp_path
     assert list(res["tasks"]) == ["copa"] and res["tasks"]["copa"]["n_docs"] == 2
     assert res["mean_acc_over"] == ["copa"] and res["mean_acc"] == res["tasks"]["copa"]["acc"]
 
-    nothing = run_zeroshot(llama, tokenizer, ["arc_challenge"], task_data=shared_data)
+    nothing = run_zeroshot(llama, tokenizer, ["arc_challenge"], task_data=tmp_path)
     assert nothing["missing"] == ["arc_challenge"] and nothing["tasks"] == {} and nothing["mean_acc"] is None
 
 
