@@ -1,4 +1,4 @@
-"""The Markdown + PNG report (semisparse.evaluate.report) and the zero-shot console table.
+"""The Markdown + PNG report (semisparse.report) and the zero-shot console table.
 
 Run directories are built by hand with known numbers: small safetensors files, semisparse.json,
 eval.json and metrics.jsonl; nothing is loaded or evaluated.
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from semisparse.errors import UserError
-from semisparse.evaluate.report import compressed_bytes_estimate, read_run, write_report
+from semisparse.report import compressed_bytes_estimate, read_run, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -211,6 +211,40 @@ def test_missing_eval_json(tmp_path):
     for png in ("perplexity.png", "zeroshot.png"):
         assert (tmp_path / "out" / png).read_bytes().startswith(PNG_MAGIC)
     assert not list((tmp_path / "out").glob("train_*.png"))
+
+
+def test_eval_file_given_per_run_replaces_its_eval_json(tmp_path):
+    # The dense model lives in a cache folder; its results were written elsewhere (e.g. ./eval-default.json).
+    dense = make_run(tmp_path / "cache" / "models" / "Dense", eval_json={
+        "model": "stale", "perplexity": {"wikitext2": ppl_rec(99.9999, 4.6052)}})
+    results = tmp_path / "eval-default.json"
+    results.write_text(json.dumps({"model": "default", "perplexity": {"wikitext2": ppl_rec(12.3456, 2.5133)},
+                                   "zeroshot": zs_result({"rte": task(0.5234, 0.03)})}))
+    sparse = make_run(tmp_path / "sparse", masks=two_four_masks(), eval_json={
+        "model": "sparse", "perplexity": {"wikitext2": ppl_rec(20.5, 3.0204)}})
+    md = write_report([dense, sparse], tmp_path / "out", names=["dense", "sparse"],
+                      eval_files=[results, None]).read_text()
+    assert "12.35" in md and "2.5133" in md and "99.99" not in md  # the given file, not the cache's eval.json
+    assert "20.50" in md  # None: the run's own eval.json
+    assert "| rte | 100 | 52.34 ± 3.00 | not evaluated |" in md
+    runs = md[md.index("## Runs"):md.index("## Perplexity")]
+    assert f"`{results}` |" in runs and runs.rstrip().endswith("| yes |")
+    assert read_run(dense, eval_file=results).eval["model"] == "default"
+    assert read_run(dense).eval["model"] == "stale"
+
+    with pytest.raises(UserError, match="1 eval files given for 2 run directories"):
+        write_report([dense, sparse], tmp_path / "out", eval_files=[results])
+    with pytest.raises(UserError, match=r"eval file .*nowhere\.json given for .*Dense does not exist"):
+        write_report([dense, sparse], tmp_path / "out", eval_files=[tmp_path / "nowhere.json", None])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UserError, match=r"broken\.json is not valid JSON"):
+        write_report([dense], tmp_path / "out", eval_files=[tmp_path / "broken.json"])
+
+
+def test_old_import_path_still_works():
+    from semisparse.evaluate import report as old
+
+    assert old.write_report is write_report and old.read_run is read_run
 
 
 def test_errors(tmp_path):

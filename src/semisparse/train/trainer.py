@@ -51,11 +51,23 @@ from tqdm.auto import tqdm
 
 from semisparse import data as data_mod
 from semisparse.config import INIT_METHODS, Recipe, apply_overrides, load_recipe, recipe_from_dict, resolve_steps
+from semisparse.devices import resolve_device
 from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import perplexity
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern, flip_count
-from semisparse.models import RUN_META, load_masks, load_model, package_versions, save_run_dir
+from semisparse import rundir
+from semisparse.models import load_model, package_versions, write_run_files
+from semisparse.rundir import (  # noqa: F401 (read_metrics, truncate_metrics: re-exported for older imports)
+    METRICS_FILE,
+    PLOTS_DIR,
+    RUN_FILE,
+    RUN_META,
+    TB_DIR,
+    load_masks,
+    read_metrics,
+    truncate_metrics,
+)
 from semisparse.train import checkpoint as ckpt
 from semisparse.train.distill import distill_loss, final_hidden_states, lm_head
 from semisparse.train.optim import MaskedAdamW, add_masked_decay_to_grad, decay_lambda, set_srste_lambda
@@ -69,10 +81,6 @@ from semisparse.train.sparse_linear import (
 )
 from semisparse.train.stream import TokenBatches, dist_info
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-PLOTS_DIR = "plots"
-TB_DIR = "tensorboard"
 M0_PREFIX = "m0."
 
 
@@ -161,34 +169,6 @@ class MetricsLog:
             self.tb = None
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (a killed run logged past its last checkpoint) and broken lines."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", -1) <= last_step:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
-
-
 def write_plots(run_dir: Path) -> list[Path]:
     """PNG plots of loss, flip rates, λ (and lr) and perplexity from metrics.jsonl (matplotlib, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -233,18 +213,6 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 
 # -------------------------------------------------------------------------------------------------- setup
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {spec!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec!r} requested but CUDA is not available")
-    return device
 
 
 def _seed_everything(seed: int) -> None:
@@ -366,6 +334,9 @@ def train(
     """
     started = time.perf_counter()
     rank, world = dist_info()
+    if max(world, int(os.environ.get("WORLD_SIZE", "1") or 1)) > 1:
+        # Until FSDP is wired, each rank would train its own unsynchronised copy and rank 0's would be exported.
+        raise UserError("distributed training is not supported yet: run one process (not under torchrun)")
     is_main = rank == 0
     run_dir = Path(out)
     _check_run_dir(run_dir, resume, overwrite)
@@ -373,7 +344,7 @@ def train(
     say = (lambda msg: tqdm.write(f"semisparse: {msg}", file=sys.stdout)) if is_main else (lambda msg: None)
 
     # ---- where things run
-    device = _device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -523,7 +494,7 @@ def train(
             _create_run_dir(run_dir, overwrite)
             run_record = {"model": model, "recipe": cfg.to_dict(), "recipe_info": recipe_info, "world_size": world,
                           "created": _now()}
-            (run_dir / RUN_FILE).write_text(json.dumps(run_record, indent=1) + "\n")
+            rundir.atomic_write_json(run_dir / RUN_FILE, run_record, indent=1)
     log = MetricsLog(run_dir, is_main, cfg.log.tensorboard)
     student_head, teacher_head = lm_head(net), (lm_head(teacher) if teacher is not None else None)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -708,15 +679,7 @@ def train(
 
 
 def _export_run_dir(run_dir: Path, net, tokenizer, masks, slorb, meta) -> None:
-    """save_run_dir into a staging folder inside the run dir, then move the files up (semisparse.json last, so a
-    run dir with semisparse.json always has a complete model next to it). Checkpoints and metrics stay."""
-    (run_dir / RUN_META).unlink(missing_ok=True)
-    stage = run_dir / ".export"
-    shutil.rmtree(stage, ignore_errors=True)
-    save_run_dir(stage, net, tokenizer, masks, meta, slorb=slorb or None, overwrite=True)
-    for path in sorted(stage.iterdir(), key=lambda p: p.name == RUN_META):
-        target = run_dir / path.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    stage.rmdir()
+    """The run files, staged inside the run dir and moved up (semisparse.json last, so a run dir with
+    semisparse.json always has a complete model next to it). Checkpoints and metrics stay."""
+    with rundir.staged_files(run_dir, last=RUN_META) as stage:
+        write_run_files(stage, net, tokenizer, masks, meta, slorb=slorb or None)
