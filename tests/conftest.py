@@ -1,7 +1,16 @@
 import torch
 import pytest
 
-from tiny import SHARED_DATA, make_gpt2, make_llama, make_tokenizer, save_model_dir
+from fixture_data import write_fixture_data
+from tiny import STANDARD_FILES, make_gpt2, make_llama, make_tokenizer, save_model_dir, standard_data_dir, standard_data_problem
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "standard_data(*files): the test reads these files (paths relative to the standard data folder) through "
+        "the shared_data fixture; it is skipped, with the reason, when they are absent (default: all STANDARD_FILES)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +28,23 @@ def gpt2():
     return make_gpt2()
 
 
+@pytest.fixture
+def shared_data(request):
+    """The real standard data folder ($SEMISPARSE_DATA, else ../shared/data); skips when it lacks the test's files.
+
+    A test names the files it reads with ``@pytest.mark.standard_data(...)``; unmarked, it needs all of them.
+    """
+    marker = request.node.get_closest_marker("standard_data")
+    reason = standard_data_problem(marker.args if marker else STANDARD_FILES)
+    if reason:
+        pytest.skip(reason)
+    return standard_data_dir()
+
+
 @pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (tests read ../shared/data beside the project)")
-    return SHARED_DATA
+def fixture_data(tmp_path_factory):
+    """A folder laid out like the standard data, with a few made-up items per file (tests/fixture_data.py)."""
+    return write_fixture_data(tmp_path_factory.mktemp("fixture-data"))
 
 
 @pytest.fixture

