@@ -70,7 +70,7 @@ def test_prune_cli_writes_stock_loadable_run_dir(tmp_path, llama_dir, calib_txt,
     assert set(ev["perplexity"]) == {f"dense:{calib_txt}", f"pruned:{calib_txt}"}
 
     # eval on the run dir merges its result into eval.json and prints the protocol.
-    r = run_cli("eval", out, "--ppl", calib_txt, "--seqlen", 32)
+    r = run_cli("eval", out, "--ppl", calib_txt, "--ppl-seqlen", 32)
     assert r.returncode == 0, r.stderr
     assert "windows" in r.stdout and "ppl" in r.stdout
     ev = json.loads((out / "eval.json").read_text())
@@ -79,7 +79,7 @@ def test_prune_cli_writes_stock_loadable_run_dir(tmp_path, llama_dir, calib_txt,
 
 def test_eval_writes_json_where_asked(tmp_path, gpt2_dir, calib_txt, run_cli):
     target = tmp_path / "res.json"
-    r = run_cli("eval", gpt2_dir, "--ppl", calib_txt, "--seqlen", 64, "--json", target)
+    r = run_cli("eval", gpt2_dir, "--ppl", calib_txt, "--ppl-seqlen", 64, "--out", target)
     assert r.returncode == 0, r.stderr
     res = json.loads(target.read_text())["perplexity"][str(calib_txt)]
     assert res["seqlen"] == 64 and res["stride"] == 64 and res["windows"] >= 1 and res["ppl"] > 1
@@ -145,15 +145,15 @@ def test_zeroshot_bad_input_exit_2(tmp_path, llama_dir, extra, message, run_cli)
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_zeroshot_cli_table_json_and_report(tmp_path, llama_dir, shared_data, calib_txt, run_cli):
+def test_zeroshot_cli_table_json_and_report(tmp_path, llama_dir, fixture_data, calib_txt, run_cli):
     out = tmp_path / "run"
-    task_data = tmp_path / "task-data"  # arc_easy and copa only: arc_challenge's files are missing
+    task_data = tmp_path / "task-data"  # arc_easy and copa only (made-up files): arc_challenge's files are missing
     task_data.mkdir()
     for name in ("arc_easy", "copa"):
-        (task_data / name).symlink_to(shared_data / name, target_is_directory=True)
+        (task_data / name).symlink_to(fixture_data / name, target_is_directory=True)
     assert run_cli("prune", llama_dir, "--method", "magnitude", "--out", out).returncode == 0
     r = run_cli("eval", out, "--tasks", "arc_easy,arc_challenge,copa", "--task-data", task_data, "--limit", 2,
-                "--ppl", calib_txt, "--seqlen", 32)
+                "--skip-missing", "--ppl", calib_txt, "--ppl-seqlen", 32)
     assert r.returncode == 0, r.stderr
     assert "arc_easy" in r.stdout and "missing" in r.stdout and "mean" in r.stdout
     ev = json.loads((out / "eval.json").read_text())

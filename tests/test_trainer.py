@@ -374,7 +374,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, t
 
 def test_huge_lr_stops_the_cli_with_exit_2(tmp_path, tiny_dir, text):
     cmd = [sys.executable, "-m", "semisparse.cli", "train", str(tiny_dir), "--out", str(tmp_path / "o"),
-           "--data", str(text), "--tokens", str(6 * BATCH * SEQ), "--seq-len", str(SEQ), "--batch-size", str(BATCH),
+           "--data", str(text), "--tokens", str(6 * BATCH * SEQ), "--seqlen", str(SEQ), "--batch-size", str(BATCH),
            "--lr", "1e30", "--set", "optim.warmup=0", "--set", "checkpoint.every=1", "--set", "eval.at_start=false",
            "--set", "eval.at_end=false", "--no-progress", "--recipe", "naive-ce"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from semisparse import data as data_mod
+from semisparse.devices import resolve_device
 from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import PerplexityResult, perplexity
 from semisparse.layers import LayerFilter, select_layers
@@ -64,11 +63,11 @@ def prune(
     ppl: list[str] | None = None,
     ppl_seqlen: int = 2048,
     ppl_max_windows: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Prune a model one-shot to N:M and (if ``out``) write a run directory. Returns the provenance record."""
+    """``semisparse prune``: prune a model one-shot to N:M and (if ``out``) write a run directory. Returns the provenance record."""
     pattern_obj = Pattern.parse(pattern)
     pruner = get_method(method)
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
@@ -77,6 +76,7 @@ def prune(
     calib_source = data_mod.load_text(calib, split="train", field=text_field) if pruner.needs_calibration else None
     eval_sources = {spec: data_mod.load_text(spec, split="eval", field=text_field) for spec in ppl or []}
     torch.manual_seed(seed)
+    device = resolve_device(device)
     loaded = load_model(model, device=device)
     net, tok = loaded.model, loaded.tokenizer
     results: dict[str, dict] = {}
@@ -131,14 +131,16 @@ def prune(
 
 
 def write_eval_json(path: Path, model: str, record: dict) -> Path:
-    """Merge ``record`` into an eval JSON file (results of earlier calls are kept), written atomically."""
+    """Merge ``record`` (results of ``model``) into an eval JSON file, written atomically; earlier results of the
+    same model are kept.
+
+    One file holds one model's results (``rundir.eval_results_for``): merging into a file of another model, or
+    into one that is not a JSON object, raises UserError and leaves the file as it was.
+    """
+    from semisparse import rundir
+
     path = Path(path)
-    current: dict = {}
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            current = {}
+    current = rundir.eval_results_for(path, model)
     current.setdefault("model", model)
     for key, value in record.items():
         if isinstance(value, dict):
@@ -146,27 +148,33 @@ def write_eval_json(path: Path, model: str, record: dict) -> Path:
         else:
             current[key] = value
     current["updated"] = _now()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(current, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return rundir.atomic_write_json(path, current)
 
 
 def evaluate(
     model: str,
     ppl: list[str] | None = None,
-    seqlen: int = 2048,
+    ppl_seqlen: int = 2048,
+    ppl_max_windows: int | None = None,
     batch_size: int = 1,
-    max_windows: int | None = None,
     text_field: str = "text",
     tasks: list[str] | None = None,
     task_data: str | None = None,
     limit: int | None = None,
-    json_out: str | Path | None = None,
-    device: str = "cpu",
+    skip_missing: bool = False,
+    out: str | Path | None = None,
+    device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Perplexity on each DATA of ``ppl`` and zero-shot ``tasks``; results merged into a JSON file."""
+    """``semisparse eval``: perplexity on each DATA of ``ppl`` and zero-shot ``tasks``; results merged into a JSON file.
+
+    ``out``: the results file. Default: ``DIR/eval.json`` for a local model or run directory DIR; for a hub id
+    or ``default``, ``./eval-<slug of the model spec>.json`` in the working directory (e.g.
+    ``eval-HuggingFaceTB--SmolLM2-135M.json``), so two models never share a file. Merging into a file that holds
+    another model's results, or is not valid JSON, is refused before the model is loaded.
+    ``skip_missing``: with ``task_data``, tasks whose local files are missing are reported under ``missing``
+    instead of raising UserError (asking only for missing tasks is always an error).
+    """
     if not ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES")
     if limit is not None and limit <= 0:
@@ -174,13 +182,20 @@ def evaluate(
     if tasks:  # check names and folders before the (slow) model load
         from semisparse.evaluate.zeroshot import check_zeroshot_args
 
-        check_zeroshot_args(tasks, task_data, limit, batch_size)
+        check_zeroshot_args(tasks, task_data, limit, batch_size, skip_missing=skip_missing)
     sources = {spec: data_mod.load_text(spec, split="eval", field=text_field) for spec in ppl or []}
+    from semisparse import rundir
+
+    # Results live beside a local model; a hub id or the shipped default gets its own file in the working
+    # directory. A file that cannot take these results fails here, before the (slow) evaluation.
+    json_out = Path(out) if out is not None else rundir.default_eval_file(model)
+    rundir.eval_results_for(json_out, model)
+    device = resolve_device(device)
     loaded = load_model(model, device=device)
     record: dict = {}
     if sources:
         record["perplexity"] = {
-            spec: ppl_eval(loaded.model, loaded.tokenizer, source, seqlen, batch_size, max_windows, device,
+            spec: ppl_eval(loaded.model, loaded.tokenizer, source, ppl_seqlen, batch_size, ppl_max_windows, device,
                            progress).to_dict()
             for spec, source in sources.items()
         }
@@ -189,12 +204,143 @@ def evaluate(
 
         record["zeroshot"] = run_zeroshot(
             loaded.model, loaded.tokenizer, tasks, Path(task_data) if task_data else None, limit=limit,
-            batch_size=batch_size, device=device,
+            batch_size=batch_size, device=device, skip_missing=skip_missing,
         )
-    if json_out is None:
-        # Results live beside a local model; a hub id or the shipped default writes into the working directory.
-        local = Path(model).expanduser()
-        json_out = local / "eval.json" if local.is_dir() else Path("eval.json")
-    record_path = write_eval_json(Path(json_out), loaded.source, record)
+    record_path = write_eval_json(json_out, loaded.source, record)
     record["json"] = str(record_path)
     return record
+
+
+def train(
+    model: str = "default",
+    out: str | Path | None = None,
+    recipe: str | Path | None = None,
+    *,
+    init: str | None = None,
+    pattern: str | None = None,
+    data: str | None = None,
+    eval_data: str | None = None,
+    tokens: int | None = None,
+    teacher: str | None = None,
+    seqlen: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    lr: float | None = None,
+    alpha: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    text_field: str | None = None,
+    set: list[str] | dict | None = None,  # noqa: A002 - the CLI's --set
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Retrain ``model`` with AST into the run directory ``out`` (``semisparse train``); returns a TrainResult.
+
+    Keyword arguments left at None keep the recipe's value; ``set`` takes any recipe field, as
+    ``["optim.lr=1e-4"]`` (the CLI's ``--set``) or ``{"optim.lr": 1e-4}``. Flags win over ``set``.
+    """
+    from semisparse.config import parse_set
+    from semisparse.train.trainer import train as run_training
+
+    if out is None:
+        raise UserError("give the output run directory (out=...)")
+    overrides = dict(set) if isinstance(set, dict) else parse_set(set)
+    flags = {
+        "init.source": init, "pattern": pattern, "data.train": data, "data.eval": eval_data,
+        "data.text_field": text_field, "train.tokens": tokens, "distill.teacher": teacher,
+        "train.seq_len": seqlen, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+        "optim.lr": lr, "distill.alpha": alpha, "train.seed": seed, "train.device": device,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})  # only flags given
+    return run_training(model, out, recipe, overrides, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def report(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
+    """``semisparse report``: report.md + PNG plots comparing run directories; returns the report's path."""
+    from semisparse.report import write_report
+
+    return write_report([Path(p) for p in run_dirs], Path(out), names)
+
+
+def _pipeline_overrides(set_items: list[str] | None) -> dict:
+    """``--set`` of ``run``: dotted pipeline fields; ``recipe.X.Y=V`` goes to the retraining recipe (train.set)."""
+    from semisparse.config import parse_set
+
+    out: dict = {}
+    for key, value in parse_set(set_items).items():
+        if key.startswith("recipe."):
+            out.setdefault("train", {}).setdefault("set", {})[key[len("recipe."):]] = value
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is not a section")
+        node[leaf] = value
+    return out
+
+
+def run(
+    model: str | None = None,
+    out: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    recipe: str | None = None,
+    tokens: int | None = None,
+    method: str | None = None,
+    pattern: str | None = None,
+    calib: str | None = None,
+    nsamples: int | None = None,
+    data: str | None = None,
+    ppl: list[str] | None = None,
+    ppl_max_windows: int | None = None,
+    tasks: list[str] | None = None,
+    task_data: str | None = None,
+    limit: int | None = None,
+    skip_missing: bool | None = None,
+    stages: list[str] | None = None,
+    device: str | None = None,
+    set: list[str] | None = None,  # noqa: A002 - the CLI's --set
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    say=print,
+):
+    """``semisparse run``: prune -> train -> eval -> report into ``out``; see ``semisparse.pipeline``.
+
+    ``model`` may also be a pipeline YAML file (then it is ``config``). Settings stack: ``preset`` <- ``config``
+    <- ``set`` <- the keyword arguments (None: not given). Returns a PipelineResult, or with ``dry_run`` a DryRun
+    (the plan and measured estimates; no weights loaded, nothing written).
+    """
+    from semisparse.pipeline import Context, build_config, plan, run_pipeline
+
+    if model is not None and str(model).endswith((".yaml", ".yml")):
+        if config is not None:
+            raise UserError("give the pipeline config once (as MODEL or as config=)")
+        if not Path(model).is_file():
+            raise UserError(f"pipeline config {model} not found")
+        config, model = model, None
+    overrides = _pipeline_overrides(set)
+    given = {
+        "model": model, "out": str(out) if out is not None else None, "pattern": pattern, "device": device,
+        "stages": stages,
+        "prune": {"method": method, "calib": calib, "nsamples": nsamples},
+        "train": {"recipe": recipe, "tokens": tokens, "data": data},
+        "eval": {"ppl": ppl, "ppl_max_windows": ppl_max_windows, "tasks": tasks, "task_data": task_data,
+                 "limit": limit, "skip_missing": skip_missing},
+    }
+    from semisparse.pipeline.config import merge_fields
+
+    cfg, _where = build_config(config, preset, merge_fields(overrides, given))
+    if dry_run:
+        from semisparse.pipeline.estimate import estimate
+        from semisparse.pipeline.runner import check_folder
+        from semisparse.pipeline.show import DryRun
+
+        check_folder(cfg, Path(cfg.out).expanduser(), overwrite)
+        ctx = Context(cfg, Path(cfg.out).expanduser(), progress)
+        return DryRun(cfg, plan(ctx), estimate(ctx))
+    return run_pipeline(cfg, overwrite=overwrite, progress=progress, say=say)

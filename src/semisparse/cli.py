@@ -1,4 +1,8 @@
-"""Command line: one thin command per verb. A UserError becomes one line on stderr and exit code 2."""
+"""Command line: one thin command per verb of ``semisparse.api``, listed in pipeline order.
+
+A UserError becomes one line on stderr and exit code 2; a usage error (a missing or malformed flag) prints the
+usage line and the problem, also with exit code 2. Flags spell one thing one way in every command.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +18,51 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Prune causal LMs to N:M (2:4) sparsity, retrain them with AST, evaluate and export them.",
+    help="Prune causal LMs to N:M (2:4) sparsity, retrain them with AST, evaluate and report. "
+    "`semisparse run` does it all in one command.",
 )
 # Wide tables even when piped to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
-MODEL_HELP = "Hugging Face id, local model or run directory, or 'default' (the shipped SmolLM2-135M-Instruct)."
+MODEL_HELP = ("Hugging Face id, local model or run directory, a .gguf file, or 'default' (the shipped "
+              "SmolLM2-135M-Instruct).")
 DATA_HELP = "A .txt/.jsonl/.parquet file or folder, 'wikitext2', 'c4', or 'default' (the shipped Wikipedia text)."
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."
+SET_HELP = "Any recipe field, SECTION.FIELD=VALUE (repeatable), e.g. --set mask.every=20."
+
+
+def _methods() -> str:
+    from semisparse.prune import METHODS
+
+    return ", ".join(METHODS)
+
+
+def _recipes() -> str:
+    from semisparse.config import SHIPPED_RECIPES
+
+    return ", ".join(SHIPPED_RECIPES)
+
+
+def _presets() -> str:
+    from semisparse.pipeline.config import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"semisparse {version('semisparse')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
     _state["debug"] = debug
 
 
@@ -50,13 +87,17 @@ def _ppl_table(title: str, rows: dict[str, dict]) -> Table:
     return table
 
 
+def _split(items: Optional[str]) -> list[str] | None:
+    return [t.strip() for t in items.split(",") if t.strip()] if items else None
+
+
 @app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    method: str = typer.Option("sparsegpt", help="magnitude, wanda or sparsegpt."),
+    out: Path = typer.Option(..., help="Run directory to write (a stock transformers model dir + masks)."),
+    method: str = typer.Option("sparsegpt", help=f"One of: {_methods()}."),
     pattern: str = typer.Option("2:4", help="N:M pattern: keep N of every M consecutive input weights."),
     calib: str = typer.Option("default", help="Calibration text. " + DATA_HELP),
-    out: Path = typer.Option(..., help="Run directory to write (a stock transformers model dir + masks)."),
     nsamples: int = typer.Option(128, help="Calibration sequences."),
     seqlen: int = typer.Option(2048, help="Calibration sequence length (capped at the model's context)."),
     seed: int = typer.Option(0, help="Seed for the calibration windows."),
@@ -67,7 +108,7 @@ def prune(
     ppl: Optional[list[str]] = typer.Option(None, help="Also report dense vs pruned perplexity on DATA (repeatable)."),
     ppl_seqlen: int = typer.Option(2048, help="Perplexity window length."),
     ppl_max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Prune MODEL one-shot to N:M sparsity and write a run directory."""
@@ -88,27 +129,74 @@ def prune(
         console.print(_ppl_table("perplexity (dense vs pruned)", meta["perplexity"]))
 
 
+@app.command()
+def train(
+    model: str = typer.Argument(..., help=MODEL_HELP + " Also the frozen dense teacher (see --teacher)."),
+    out: Path = typer.Option(..., help="Run directory to write (model, masks, metrics, plots, checkpoints)."),
+    recipe: Optional[str] = typer.Option(None, help=f"Shipped recipe ({_recipes()}) or a YAML file (default: ast-naive)."),
+    init: Optional[str] = typer.Option(
+        None, help=f"Initial mask: {_methods()}, or a `semisparse prune` run directory (default: recipe)."
+    ),
+    pattern: Optional[str] = typer.Option(None, help="N:M pattern (default: recipe, 2:4)."),
+    data: Optional[str] = typer.Option(None, help="Training text (default: recipe, default). " + DATA_HELP),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out text for perplexity (default: the eval part of --data)."),
+    tokens: Optional[int] = typer.Option(None, help="Training token budget (steps = tokens / tokens per step)."),
+    teacher: Optional[str] = typer.Option(
+        None, help="Dense teacher (default: MODEL, or the dense model recorded in an --init run directory)."
+    ),
+    seqlen: Optional[int] = typer.Option(None, help="Training sequence length (default: recipe)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch (default: recipe)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: recipe)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: recipe)."),
+    alpha: Optional[float] = typer.Option(None, help="Distillation weight α, 0 to 1; 0 = CE only (default: recipe)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order and initialisation (default: recipe)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP + " (default: recipe, auto)."),
+    text_field: Optional[str] = typer.Option(None, help="Field holding the text in .jsonl/.parquet data."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest valid checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Retrain MODEL to N:M sparsity with AST (adaptive masks, annealed SR-STE, distillation, optional SLoRB)."""
+    from semisparse import api
+
+    result = api.train(
+        model, out, recipe, init=init, pattern=pattern, data=data, eval_data=eval_data, tokens=tokens,
+        teacher=teacher, seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum, lr=lr, alpha=alpha, seed=seed,
+        device=device, text_field=text_field, set=set_, resume=resume, overwrite=overwrite, progress=progress,
+    )
+    s = result.summary
+    ppl = ""
+    if s["final_eval_ppl"] is not None and s["initial_eval_ppl"] is not None:
+        ppl = f", held-out ppl {s['initial_eval_ppl']:.3f} -> {s['final_eval_ppl']:.3f}"
+    slorb = f", SLoRB {s['slorb_params']:,} params" if s["slorb_params"] else ""
+    console.print(f"trained {s['steps']} steps ({s['tokens']:,} tokens){ppl}{slorb} -> {out}")
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ppl: Optional[list[str]] = typer.Option(None, help="Perplexity on DATA's evaluation part (repeatable). " + DATA_HELP),
-    seqlen: int = typer.Option(2048, help="Perplexity window length (capped at the model's context)."),
+    ppl_seqlen: int = typer.Option(2048, help="Perplexity window length (capped at the model's context)."),
+    ppl_max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
     batch_size: int = typer.Option(1, help="Windows (or zero-shot requests) per forward pass."),
-    max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated zero-shot tasks (lm-evaluation-harness)."),
     task_data: Optional[Path] = typer.Option(None, help="Folder with local task files (offline)."),
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write results (default: RUN_DIR/eval.json or ./eval.json)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    skip_missing: bool = typer.Option(False, help="Report tasks whose local files are missing instead of failing."),
+    out: Optional[Path] = typer.Option(
+        None, help="JSON file for the results (default: MODEL_DIR/eval.json, or ./eval-<model>.json for a hub id)."
+    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate MODEL: perplexity with its protocol, and zero-shot accuracy."""
     from semisparse import api
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     record = api.evaluate(
-        model, ppl, seqlen, batch_size, max_windows, text_field, task_list,
-        str(task_data) if task_data else None, limit, json_out, device,
+        model, ppl=ppl, ppl_seqlen=ppl_seqlen, ppl_max_windows=ppl_max_windows, batch_size=batch_size,
+        text_field=text_field, tasks=_split(tasks), task_data=str(task_data) if task_data else None, limit=limit,
+        skip_missing=skip_missing, out=out, device=device,
     )
     if "perplexity" in record:
         console.print(_ppl_table(f"perplexity of {model}", record["perplexity"]))
@@ -126,72 +214,78 @@ def report(
     name: Optional[list[str]] = typer.Option(None, help="Display name per run, in order (repeatable)."),
 ) -> None:
     """Write a Markdown report with plots comparing run directories."""
-    from semisparse.evaluate.report import write_report
+    from semisparse import api
 
-    path = write_report(list(run_dirs), out, list(name) if name else None)
+    path = api.report(list(run_dirs), out, list(name) if name else None)
     console.print(f"report written to {path}")
 
 
 @app.command()
-def train(
-    model: str = typer.Argument(..., help=MODEL_HELP + " Also the frozen dense teacher (see --teacher)."),
-    out: Path = typer.Option(..., help="Run directory to write (model, masks, metrics, plots, checkpoints)."),
-    recipe: Optional[str] = typer.Option(
-        None, help="Shipped recipe (ast-naive, ast-boosted, fixed-mask-kd, naive-ce) or a YAML file "
-        "(default: ast-naive)."
-    ),
-    init: Optional[str] = typer.Option(
-        None, help="Initial mask: magnitude, wanda, sparsegpt, or a `semisparse prune` run directory (default: recipe)."
-    ),
-    pattern: Optional[str] = typer.Option(None, help="N:M pattern (default: recipe, 2:4)."),
-    data: Optional[str] = typer.Option(None, help="Training text (default: recipe, default). " + DATA_HELP),
-    eval_data: Optional[str] = typer.Option(
-        None, help="Held-out text for perplexity (default: the eval part of --data)."
-    ),
-    tokens: Optional[int] = typer.Option(None, help="Training token budget (steps = tokens / tokens per step)."),
-    teacher: Optional[str] = typer.Option(
-        None, help="Dense teacher (default: MODEL, or the dense model recorded in an --init run directory)."
-    ),
-    seq_len: Optional[int] = typer.Option(None, help="Training sequence length (default: recipe)."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch (default: recipe)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: recipe)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: recipe)."),
-    alpha: Optional[float] = typer.Option(None, help="Distillation weight α, 0 to 1; 0 = CE only (default: recipe)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for data order and initialisation (default: recipe)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: recipe, auto)."),
-    text_field: Optional[str] = typer.Option(None, help="Field holding the text in .jsonl/.parquet data."),
+def run(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Or a pipeline CONFIG.yaml holding every setting."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: one sub-directory per stage (required unless in the config)."),
+    preset: Optional[str] = typer.Option(None, help=f"Start from a shipped pipeline config: {_presets()}."),
+    recipe: Optional[str] = typer.Option(None, help=f"Retraining recipe ({_recipes()}) or a YAML file."),
+    tokens: Optional[int] = typer.Option(None, help="Retraining token budget."),
+    method: Optional[str] = typer.Option(None, help=f"One-shot pruning method for the initial mask: {_methods()}."),
+    pattern: Optional[str] = typer.Option(None, help="N:M pattern (default 2:4)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text. " + DATA_HELP),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration sequences."),
+    data: Optional[str] = typer.Option(None, help="Training text (default: the recipe's). " + DATA_HELP),
+    ppl: Optional[list[str]] = typer.Option(None, help="Perplexity data for every model (repeatable). " + DATA_HELP),
+    ppl_max_windows: Optional[int] = typer.Option(None, help="Score at most this many perplexity windows."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated zero-shot tasks."),
+    task_data: Optional[Path] = typer.Option(None, help="Folder with local task files (offline)."),
+    limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
+    skip_missing: Optional[bool] = typer.Option(None, "--skip-missing", help="Report missing task files instead of failing."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: prune,train,eval,report)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     set_: Optional[list[str]] = typer.Option(
-        None, "--set", help="Any recipe field, SECTION.FIELD=VALUE (repeatable), e.g. --set mask.every=20."
+        None, "--set", help="Any pipeline field, FIELD=VALUE (repeatable), e.g. --set prune.nsamples=16; "
+        "recipe fields as recipe.SECTION.FIELD=VALUE, e.g. --set recipe.optim.lr=1e-4."
     ),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its newest valid checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    dry_run: bool = typer.Option(False, help="Print the plan with measured time and memory estimates; load no "
+                                 "weights, write nothing."),
+    overwrite: bool = typer.Option(False, help="Start over: replace the output folder."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Retrain MODEL to N:M sparsity with AST (adaptive masks, annealed SR-STE, distillation, optional SLoRB)."""
-    from semisparse.config import parse_set
-    from semisparse.train.trainer import train as run_training
+    """Prune -> train -> eval -> report in one folder; re-running it skips complete stages and resumes training."""
+    from semisparse import api
 
-    overrides = parse_set(set_)
-    overrides.update({
-        "init.source": init, "pattern": pattern, "data.train": data, "data.eval": eval_data,
-        "data.text_field": text_field, "train.tokens": tokens, "distill.teacher": teacher,
-        "train.seq_len": seq_len, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
-        "optim.lr": lr, "distill.alpha": alpha, "train.seed": seed, "train.device": device,
-    })
-    result = run_training(model, out, recipe, overrides, resume=resume, overwrite=overwrite, progress=progress)
-    s = result.summary
-    ppl = ""
-    if s["final_eval_ppl"] is not None and s["initial_eval_ppl"] is not None:
-        ppl = f", held-out ppl {s['initial_eval_ppl']:.3f} -> {s['final_eval_ppl']:.3f}"
-    slorb = f", SLoRB {s['slorb_params']:,} params" if s["slorb_params"] else ""
-    console.print(f"trained {s['steps']} steps ({s['tokens']:,} tokens){ppl}{slorb} -> {out}")
+    result = api.run(
+        model, out, preset=preset, recipe=recipe, tokens=tokens, method=method, pattern=pattern, calib=calib,
+        nsamples=nsamples, data=data, ppl=ppl, ppl_max_windows=ppl_max_windows, tasks=_split(tasks),
+        task_data=str(task_data) if task_data else None, limit=limit, skip_missing=skip_missing,
+        stages=_split(stages), device=device, set=set_, dry_run=dry_run, overwrite=overwrite, progress=progress,
+        say=lambda msg: console.print(msg, markup=False, highlight=False),
+    )
+    from semisparse.pipeline.show import print_plan, print_summary
+
+    if dry_run:
+        print_plan(console, result)
+    else:
+        print_summary(console, result)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """Usage errors of typer's own click copy (typer >= 0.20 vendors it) or of a plain click."""
+    import typer.exceptions
+
+    bases = [getattr(typer.exceptions, "TyperException", None)]
+    try:
+        import click
+
+        bases.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - typer without click
+        pass
+    return any(b is not None and isinstance(exc, b) for b in bases) and hasattr(exc, "show")
 
 
 def main(argv: list[str] | None = None) -> None:
     from semisparse.errors import UserError
 
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="semisparse", standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
@@ -200,14 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("semisparse: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _is_usage_error(exc):
+            exc.show()  # the usage line and the problem; usage errors carry exit code 2
+            sys.exit(getattr(exc, "exit_code", 2))
         if _state["debug"]:
             raise
         print(f"semisparse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

@@ -254,6 +254,8 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, int) and not isinstance(value, bool) and ":" in raw:
+            value = raw.strip()  # YAML 1.1 reads 2:4 as the base-60 integer 124; an N:M pattern is meant
         out[key.strip()] = value
     return out
 

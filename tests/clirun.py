@@ -1,0 +1,25 @@
+"""Run the CLI in-process (fast) or in a subprocess (real exit codes), returning returncode/stdout/stderr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+
+def run_in_process(capsys, *args) -> SimpleNamespace:
+    from semisparse.cli import main
+
+    capsys.readouterr()
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def run_subprocess(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "semisparse.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
