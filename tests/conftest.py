@@ -2,7 +2,7 @@ import torch
 import pytest
 
 from fixture_data import write_fixture_data
-from tiny import STANDARD_FILES, make_gpt2, make_llama, make_tokenizer, save_model_dir, standard_data_dir, standard_data_problem
+from tiny import _SAMPLE, STANDARD_FILES, make_gpt2, make_llama, make_tokenizer, save_model_dir, standard_data_dir, standard_data_problem
 
 
 def pytest_configure(config):
@@ -50,6 +50,20 @@ def fixture_data(tmp_path_factory):
 @pytest.fixture
 def llama_dir(tmp_path, tokenizer):
     return save_model_dir(make_llama(), tokenizer, tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved once per test module (read-only: tests write their outputs elsewhere)."""
+    return save_model_dir(make_llama(), make_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A small training/evaluation text file, one sentence a line."""
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(_SAMPLE.replace(". ", ".\n"))
+    return path
 
 
 @pytest.fixture

@@ -1,39 +1,19 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from clirun import run_in_process, run_subprocess
 from semisparse.layers import select_layers, weight_matrix
 from semisparse.masks import is_nm
-
-
-def run_cli_subprocess(*args):
-    return subprocess.run([sys.executable, "-m", "semisparse.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture
 def run_cli(capsys):
     """The CLI in-process (fast): returns an object with returncode, stdout and stderr like subprocess.run."""
-    from types import SimpleNamespace
-
-    from semisparse.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        code = 0
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-    return run
+    return lambda *args: run_in_process(capsys, *args)
 
 
 @pytest.fixture
@@ -112,13 +92,13 @@ def test_bad_input_one_line_exit_2(tmp_path, llama_dir, args, message, run_cli):
 
 
 def test_real_exit_code_and_single_line_from_a_subprocess(tmp_path, llama_dir):
-    r = run_cli_subprocess("prune", llama_dir, "--pattern", "2:4:1", "--out", tmp_path / "o")
+    r = run_subprocess("prune", llama_dir, "--pattern", "2:4:1", "--out", tmp_path / "o")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["semisparse: error: malformed N:M pattern '2:4:1': expected two integers like '2:4'"]
 
 
 def test_debug_shows_traceback(tmp_path, llama_dir):
-    r = run_cli_subprocess("--debug", "prune", llama_dir, "--pattern", "3:2", "--out", tmp_path / "o")
+    r = run_subprocess("--debug", "prune", llama_dir, "--pattern", "3:2", "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 

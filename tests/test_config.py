@@ -73,7 +73,7 @@ def test_steps_or_fraction():
         ("pattern: '3:2'\n", "pattern: impossible N:M pattern 3:2"),
         ("decay:\n  variant: sgd\n", "decay.variant: Input should be 'adamw_decoupled' or 'grad'"),
         ("optim: [1\n", "recipe bad.yaml: invalid YAML"),
-        ("- 1\n- 2\n", "expected a mapping of sections"),
+        ("- 1\n- 2\n", "expected a mapping of fields"),
     ],
 )
 def test_bad_recipe_one_line(tmp_path, text, message):

@@ -19,19 +19,6 @@ from clirun import run_in_process
 from semisparse import api
 from semisparse.masks import is_nm
 from semisparse.train import checkpoint as ckpt
-from tiny import _SAMPLE, make_llama, make_tokenizer, save_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_model_dir(make_llama(), make_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(_SAMPLE.replace(". ", ".\n"))
-    return path
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from semisparse.train import checkpoint as ckpt
 from semisparse.train import trainer
 from semisparse.train.sparse_linear import SparseLinear, slorb_parameter_count, sparse_layers
 from semisparse.train.stream import TokenBatches
-from tiny import _SAMPLE, make_llama, make_tokenizer, save_model_dir
+from tiny import make_llama, make_tokenizer
 
 SEQ, BATCH = 16, 2
 
@@ -39,18 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_model_dir(make_llama(), make_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text(_SAMPLE.replace(". ", ".\n"))
-    return path
 
 
 def run(tmp_path, model_dir, data, steps, name="run", recipe="ast-naive", **fields):

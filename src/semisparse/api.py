@@ -265,20 +265,13 @@ def report(run_dirs: list[str | Path], out: str | Path, names: list[str] | None 
 
 def _pipeline_overrides(set_items: list[str] | None) -> dict:
     """``--set`` of ``run``: dotted pipeline fields; ``recipe.X.Y=V`` goes to the retraining recipe (train.set)."""
-    from semisparse.config import parse_set
+    from semisparse.config import apply_overrides, parse_set
 
-    out: dict = {}
-    for key, value in parse_set(set_items).items():
-        if key.startswith("recipe."):
-            out.setdefault("train", {}).setdefault("set", {})[key[len("recipe."):]] = value
-            continue
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {part} is not a section")
-        node[leaf] = value
+    items = parse_set(set_items)
+    recipe = {k[len("recipe."):]: v for k, v in items.items() if k.startswith("recipe.")}
+    out = apply_overrides({}, {k: v for k, v in items.items() if not k.startswith("recipe.")})
+    if recipe:
+        out.setdefault("train", {}).setdefault("set", {}).update(recipe)
     return out
 
 

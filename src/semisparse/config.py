@@ -37,8 +37,20 @@ INIT_METHODS = ("magnitude", "wanda", "sparsegpt")
 StepsOrFraction = Union[int, float]
 
 
-class _Section(BaseModel):
+class StrictSection(BaseModel):
+    """A config section: unknown fields are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def nm_pattern(value: str) -> str:
+    """Field validator: an N:M pattern, normalised ("2:4")."""
+    from semisparse.masks import Pattern
+
+    try:
+        return str(Pattern.parse(value))
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _steps_or_fraction(value: int | float) -> int | float:
@@ -58,7 +70,7 @@ def resolve_steps(value: int | float, total_steps: int) -> int:
     return int(value)
 
 
-class InitConfig(_Section):
+class InitConfig(StrictSection):
     """Where the student and its initial mask come from."""
 
     source: str = Field("magnitude", description="magnitude | wanda | sparsegpt | a `semisparse prune` run dir")
@@ -72,12 +84,12 @@ class InitConfig(_Section):
     )
 
 
-class MaskConfig(_Section):
+class MaskConfig(StrictSection):
     update: bool = Field(True, description="recompute masks from |W| (False: the fixed-mask baseline)")
     every: int = Field(10, ge=1, description="Δt: recompute after optimizer step t when t % every == 0, and at the end")
 
 
-class DecayConfig(_Section):
+class DecayConfig(StrictSection):
     """Annealed SR-STE decay on the pruned weights: λ(t) = lambda_max · min(t / T0, 1) with T0 = ramp."""
 
     variant: Literal["adamw_decoupled", "grad"] = Field(
@@ -89,20 +101,20 @@ class DecayConfig(_Section):
     _check_ramp = field_validator("ramp")(_steps_or_fraction)
 
 
-class DistillConfig(_Section):
+class DistillConfig(StrictSection):
     alpha: float = Field(0.67, ge=0, le=1, description="weight of T²·KL; 0 = plain CE retraining, no teacher")
     temperature: float = Field(2.0, gt=0)
     chunk_size: int = Field(1024, gt=0, description="tokens whose logits are built at a time")
     teacher: str | None = Field(None, description="dense teacher (default: MODEL, or the init run's dense model)")
 
 
-class SlorbConfig(_Section):
+class SlorbConfig(StrictSection):
     enabled: bool = False
     k: int = Field(16, ge=1, description="group size; rank = in_features / k")
     train_x: bool = True
 
 
-class OptimConfig(_Section):
+class OptimConfig(StrictSection):
     lr: float = Field(2e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
     warmup: StepsOrFraction = 0.05
@@ -121,7 +133,7 @@ class OptimConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictSection):
     tokens: int | None = Field(None, gt=0, description="training budget; steps = tokens // (batch·accum·seq·world)")
     seq_len: int = Field(1024, ge=2)
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
@@ -133,13 +145,13 @@ class TrainConfig(_Section):
     deterministic: bool = False
 
 
-class DataConfig(_Section):
+class DataConfig(StrictSection):
     train: str = "default"
     eval: str | None = Field(None, description="held-out text (default: the eval split of data.train)")
     text_field: str = "text"
 
 
-class EvalConfig(_Section):
+class EvalConfig(StrictSection):
     every: int = Field(200, ge=0, description="held-out perplexity every N steps; 0 = never during training")
     windows: int = Field(8, gt=0)
     seqlen: int | None = Field(None, ge=2, description="default: train.seq_len")
@@ -147,19 +159,19 @@ class EvalConfig(_Section):
     at_end: bool = True
 
 
-class LogConfig(_Section):
+class LogConfig(StrictSection):
     every: int = Field(1, gt=0)
     tensorboard: bool = True
     plots: bool = True
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(StrictSection):
     every: int = Field(200, ge=0, description="save every N steps; 0 = only at the end")
     keep: int = Field(2, gt=0)
     at_end: bool = True
 
 
-class Recipe(_Section):
+class Recipe(StrictSection):
     description: str = ""
     pattern: str = "2:4"
     init: InitConfig = InitConfig()
@@ -174,21 +186,14 @@ class Recipe(_Section):
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        from semisparse.masks import Pattern
-
-        try:
-            return str(Pattern.parse(value))
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
+    _check_pattern = field_validator("pattern")(nm_pattern)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
 
-def _format_error(where: str, exc: ValidationError) -> str:
+def format_validation_error(what: str, exc: ValidationError) -> str:
+    """One line naming every bad field: ``recipe x.yaml: optim.lr: Input should be greater than 0``."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -196,7 +201,7 @@ def _format_error(where: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         parts.append(f"{loc}: {msg}")
-    return f"recipe {where}: " + "; ".join(parts)
+    return f"{what}: " + "; ".join(parts)
 
 
 def shipped_recipe_path(name: str) -> Path | None:
@@ -206,22 +211,23 @@ def shipped_recipe_path(name: str) -> Path | None:
     return Path(str(resources.files("semisparse") / "recipes" / f"{stem}.yaml"))
 
 
-def _read_yaml(path: Path, where: str) -> dict:
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping in a YAML file ({} when empty); an unreadable file or bad YAML is one line starting with ``what``."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"recipe {where}: cannot read it ({exc})") from exc
+        raise UserError(f"{what}: cannot read it ({exc})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise UserError(f"recipe {where}: invalid YAML{at} ({problem})") from exc
+        raise UserError(f"{what}: invalid YAML{at} ({problem})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"recipe {where}: expected a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{what}: expected a mapping of fields, got {type(data).__name__}")
     return data
 
 
@@ -274,11 +280,11 @@ def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None
             f"unknown recipe {str(spec)!r}: give a YAML file or a shipped recipe ({', '.join(SHIPPED_RECIPES)})"
         )
     where = path.name if shipped is None else f"{name} (shipped)"
-    data = apply_overrides(_read_yaml(path, where), overrides)
+    data = apply_overrides(read_yaml_mapping(path, f"recipe {where}"), overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(where, exc)) from None
+        raise UserError(format_validation_error(f"recipe {where}", exc)) from None
     return recipe, {"name": name, "path": str(path), "shipped": shipped is not None}
 
 
@@ -286,7 +292,7 @@ def recipe_from_dict(data: dict, where: str = "(saved)") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(where, exc)) from None
+        raise UserError(format_validation_error(f"recipe {where}", exc)) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from semisparse.config import StrictSection as _Section
+from semisparse.config import format_validation_error, nm_pattern, read_yaml_mapping
 from semisparse.errors import UserError
 
 #: Shipped presets (package data under semisparse/presets/).
 PRESETS = ("quick", "paper")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PruneSection(_Section):
@@ -86,15 +84,7 @@ class PipelineConfig(_Section):
     eval: EvalSection = EvalSection()
     report: ReportSection = ReportSection()
 
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        from semisparse.masks import Pattern
-
-        try:
-            return str(Pattern.parse(value))
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
+    _check_pattern = field_validator("pattern")(nm_pattern)
 
     @field_validator("stages")
     @classmethod
@@ -114,17 +104,6 @@ class PipelineConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_error(where: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
-    return f"pipeline {where}: " + "; ".join(parts)
-
-
 def preset_path(name: str) -> Path:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
@@ -132,19 +111,7 @@ def preset_path(name: str) -> Path:
 
 
 def read_config_file(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"pipeline {path}: cannot read it ({exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"pipeline {path}: invalid YAML{at} ({getattr(exc, 'problem', None) or type(exc).__name__})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"pipeline {path}: expected a mapping of fields, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(Path(path), f"pipeline {path}")
 
 
 def merge_fields(base: dict, top: dict) -> dict:
@@ -178,7 +145,7 @@ def build_config(
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(where, exc)) from None
+        raise UserError(format_validation_error(f"pipeline {where}", exc)) from None
     check_config(cfg, where)
     return cfg, where
 

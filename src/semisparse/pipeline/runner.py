@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,7 @@ class PipelineResult:
     out: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage that ran
     report: Path | None = None
     rows: list[dict] = field(default_factory=list)  # the summary table (see summary_rows)
 
@@ -127,11 +129,14 @@ def run_pipeline(
             result.skipped.append(name)
             continue
         say(f"{name}: {'resuming' if status == RESUME else 'running'}: {stage.describe(ctx)}")
+        started = time.perf_counter()
         try:
             stage.run(ctx, resume=status == RESUME)
         except UserError as exc:
             raise UserError(f"stage {name} failed: {exc} (fix this and re-run the same command: "
                             "completed stages are kept)") from exc
+        result.seconds[name] = time.perf_counter() - started
+        say(f"{name}: done in {result.seconds[name]:.0f} s")
         result.ran.append(name)
     if "report" in cfg.stages:
         result.report = ctx.dir("report") / "report.md"
