@@ -4,6 +4,11 @@ Each (method, calibration) cell runs in its own subprocess so that its peak RSS 
 measured in the same run as the baseline; times are reported as ratios to magnitude pruning (the cheapest).
 
     .venv/bin/python benchmarks/oneshot_ppl.py [--nsamples 128] [--seqlen 512] [--windows 32] [--out FILE.json]
+        [--calib-sampler random|reference] [--tie-order stable|reference] [--cells dense,magnitude,...]
+        [--wikitext-only]
+
+`--calib-sampler reference --tie-order reference --cells dense,magnitude,wanda,sparsegpt --wikitext-only` is the
+reference-code comparison (the SparseGPT/Wanda repositories' calibration draw and tie rule, C4 calibration).
 """
 
 from __future__ import annotations
@@ -37,17 +42,22 @@ def worker(args) -> None:
     model, tok = loaded.model, loaded.tokenizer
     prune_s = 0.0
     if args.method != "dense":
-        method = get_method(args.method)
+        method = get_method(args.method, args.tie_order)
         windows = None
         if method.needs_calibration:
             source = data.load_text(args.calib, split="train")
-            stream = data.token_stream(tok, source.docs)
-            windows = data.calibration_windows(stream, args.nsamples, args.seqlen, seed=0)
+            if args.calib_sampler == "reference":
+                windows = data.reference_calibration_windows(tok, source.docs, args.nsamples, args.seqlen, seed=0)
+            else:
+                stream = data.token_stream(tok, source.docs)
+                windows = data.calibration_windows(stream, args.nsamples, args.seqlen, seed=0)
         start = time.perf_counter()
         prune_model(model, method, Pattern(2, 4), windows, progress=False)
         prune_s = time.perf_counter() - start
     ppl = {}
-    for name, spec in (("wikitext2-valid", str(WIKI)), ("default-heldout", "default")):
+    sets = (("wikitext2-valid", str(WIKI)),) if args.wikitext_only else (("wikitext2-valid", str(WIKI)),
+                                                                         ("default-heldout", "default"))
+    for name, spec in sets:
         source = data.load_text(spec, split="eval")
         res = ppl_eval(model, tok, source, seqlen=2048, max_windows=args.windows, progress=False)
         ppl[name] = {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens}
@@ -61,6 +71,11 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=32, help="2048-token perplexity windows per data set")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "oneshot_ppl.json")
+    p.add_argument("--calib-sampler", default="random", choices=["random", "reference"])
+    p.add_argument("--tie-order", default="stable", choices=["stable", "reference"])
+    p.add_argument("--cells", default="dense,magnitude,wanda:c4,sparsegpt:c4,wanda:default,sparsegpt:default",
+                   help="comma-separated METHOD[:c4|default] cells to run")
+    p.add_argument("--wikitext-only", action="store_true", help="skip the held-out default perplexity")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="dense", help=argparse.SUPPRESS)
     p.add_argument("--calib", default=str(C4), help=argparse.SUPPRESS)
@@ -72,12 +87,17 @@ def main() -> None:
 
     from semisparse.models import package_versions
 
-    cells = [("dense", "-"), ("magnitude", "-"), ("wanda", str(C4)), ("sparsegpt", str(C4)),
-             ("wanda", "default"), ("sparsegpt", "default")]
+    cells = []
+    for cell in args.cells.split(","):
+        method, _, calib = cell.partition(":")
+        cells.append((method, {"c4": str(C4), "default": "default", "": "-"}[calib]))
     rows = []
     for method, calib in cells:
         cmd = [sys.executable, __file__, "--worker", "--method", method, "--calib", calib if calib != "-" else str(C4),
-               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--windows", str(args.windows)]
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--windows", str(args.windows),
+               "--calib-sampler", args.calib_sampler, "--tie-order", args.tie_order]
+        if args.wikitext_only:
+            cmd.append("--wikitext-only")
         start = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -85,13 +105,14 @@ def main() -> None:
         rows.append(result)
         print(f"done {method} {calib}: {result['ppl']}", file=sys.stderr, flush=True)
 
-    base_time = next(r["prune_s"] for r in rows if r["method"] == "magnitude")
+    base_time = next((r["prune_s"] for r in rows if r["method"] == "magnitude"), None)
     header = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "python": platform.python_version(),
         "versions": package_versions(),
         "settings": {"model": "SmolLM2-135M-Instruct (shipped GGUF Q4_1, de-quantised to fp32)", "pattern": "2:4",
-                     "calibration": f"{args.nsamples} x {args.seqlen} tokens, seed 0",
+                     "calibration": f"{args.nsamples} x {args.seqlen} tokens, seed 0, sampler {args.calib_sampler}",
+                     "tie_order": args.tie_order,
                      "ppl": f"seqlen 2048, stride 2048, first {args.windows} windows"},
     }
     print("\n" + json.dumps(header, indent=1))
@@ -99,11 +120,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["prune_s"] / base_time if r["method"] != "dense" and base_time else float("nan")
-        print(f"| {r['method']} | {r['calib']} | {r['ppl']['wikitext2-valid']['ppl']:.2f} | "
-              f"{r['ppl']['default-heldout']['ppl']:.2f} | {r['prune_s']:.1f} | {ratio:.1f} | {r['peak_rss_mib']:.0f} |")
+        held = r["ppl"].get("default-heldout", {}).get("ppl", float("nan"))
+        print(f"| {r['method']} | {r['calib']} | {r['ppl']['wikitext2-valid']['ppl']:.4f} | "
+              f"{held:.2f} | {r['prune_s']:.1f} | {ratio:.1f} | {r['peak_rss_mib']:.0f} |")
     w = rows[0]["ppl"]
-    print(f"\nwindows: WikiText-2 {w['wikitext2-valid']['windows']} ({w['wikitext2-valid']['tokens']} tokens), "
-          f"held-out {w['default-heldout']['windows']} ({w['default-heldout']['tokens']} tokens)")
+    print(f"\nwindows: WikiText-2 {w['wikitext2-valid']['windows']} ({w['wikitext2-valid']['tokens']} tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
 

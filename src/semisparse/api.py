@@ -66,10 +66,17 @@ def prune(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    calib_sampler: str = "random",
+    tie_order: str = "stable",
 ) -> dict:
-    """``semisparse prune``: prune a model one-shot to N:M and (if ``out``) write a run directory. Returns the provenance record."""
+    """``semisparse prune``: prune a model one-shot to N:M and (if ``out``) write a run directory. Returns the provenance
+    record. ``calib_sampler`` (data.CALIB_SAMPLERS) and ``tie_order`` (masks.TIE_ORDERS) "reference" reproduce the
+    SparseGPT/Wanda reference codes' calibration draw and tie rule."""
     pattern_obj = Pattern.parse(pattern)
-    pruner = get_method(method)
+    pruner = get_method(method, tie_order)
+    if calib_sampler not in data_mod.CALIB_SAMPLERS:
+        raise UserError(f"unknown calibration sampler {calib_sampler!r} (choose from "
+                        f"{', '.join(data_mod.CALIB_SAMPLERS)})")
     if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
     # Read the text before the (slow) model load, so a bad DATA argument fails at once.
@@ -89,10 +96,13 @@ def prune(
     if calib_source is not None:
         source = calib_source
         seqlen_eff = data_mod.effective_seqlen(net, seqlen)
-        stream = data_mod.token_stream(tok, source.docs)
-        windows = data_mod.calibration_windows(stream, nsamples, seqlen_eff, seed)
-        calibration = {**source.describe(), "nsamples": nsamples, "seqlen": seqlen_eff,
-                       "stream_tokens": int(stream.numel())}
+        calibration = {**source.describe(), "nsamples": nsamples, "seqlen": seqlen_eff, "sampler": calib_sampler}
+        if calib_sampler == "reference":
+            windows = data_mod.reference_calibration_windows(tok, source.docs, nsamples, seqlen_eff, seed)
+        else:
+            stream = data_mod.token_stream(tok, source.docs)
+            windows = data_mod.calibration_windows(stream, nsamples, seqlen_eff, seed)
+            calibration["stream_tokens"] = int(stream.numel())
 
     started = time.perf_counter()
     result = prune_model(net, pruner, pattern_obj, windows, layer_filter, skip_indivisible, device, progress)
@@ -116,6 +126,7 @@ def prune(
         "layers_dense": [n for n in select_layers(net, LayerFilter(blocks_only=False, exclude=[]))
                          if n not in result.masks],
         "calibration": calibration,
+        "tie_order": tie_order,
         "seed": seed,
         "sparse_weights": {"kept": kept, "total": total, "density": kept / total if total else None},
         "prune_seconds": round(elapsed, 2),

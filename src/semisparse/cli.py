@@ -101,6 +101,10 @@ def prune(
     nsamples: int = typer.Option(128, help="Calibration sequences."),
     seqlen: int = typer.Option(2048, help="Calibration sequence length (capped at the model's context)."),
     seed: int = typer.Option(0, help="Seed for the calibration windows."),
+    calib_sampler: str = typer.Option("random", help="random (windows of the joined text) or reference (the "
+                                      "SparseGPT/Wanda codes' draw, to reproduce their numbers)."),
+    tie_order: str = typer.Option("stable", help="Equal scores in a group: stable (ties to the lower index) or "
+                                  "reference (as torch.topk(largest=False) in the SparseGPT/Wanda codes)."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
     include: Optional[list[str]] = typer.Option(None, help="Regex on layer names to prune (repeatable)."),
     exclude: Optional[list[str]] = typer.Option(None, help="Regex on layer names to keep dense (repeatable)."),
@@ -117,6 +121,7 @@ def prune(
     meta = api.prune(
         model, method, pattern, calib, out, nsamples, seqlen, seed, text_field, _layer_filter(include, exclude),
         skip_indivisible, ppl, ppl_seqlen, ppl_max_windows, device, overwrite,
+        calib_sampler=calib_sampler, tie_order=tie_order,
     )
     sw = meta["sparse_weights"]
     console.print(

@@ -76,6 +76,10 @@ class InitConfig(StrictSection):
     source: str = Field("magnitude", description="magnitude | wanda | sparsegpt | a `semisparse prune` run dir")
     calib_samples: int = Field(128, gt=0, description="calibration windows for wanda/sparsegpt")
     calib_seqlen: int | None = Field(None, ge=2, description="calibration window length (default: train.seq_len)")
+    calib_sampler: Literal["random", "reference"] = Field(
+        "random", description="random: windows of the joined text; reference: the SparseGPT/Wanda codes' draw")
+    tie_order: Literal["stable", "reference"] = Field(
+        "stable", description="equal scores: ties to the lower index, or as torch.topk(largest=False) (reference)")
     pruned_weights: Literal["dense", "zero"] = Field(
         "dense",
         description="start of the pruned weights after a one-shot init: their dense values (the paper: AST trains "

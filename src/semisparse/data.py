@@ -199,6 +199,41 @@ def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: 
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
+#: How calibration windows are drawn. "random": windows of the joined token stream, seeded by torch (the default:
+#: every document counts, short ones too). "reference": the SparseGPT/Wanda `get_c4` draw, to reproduce their numbers.
+CALIB_SAMPLERS = ("random", "reference")
+
+
+def reference_calibration_windows(tokenizer, docs: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The SparseGPT/Wanda reference draw (their ``get_c4``): Python's ``random`` seeded with ``seed``; per sample,
+    a document index uniform over the whole pool, redrawn until that document alone (tokenized without special
+    tokens) has more than ``seqlen`` tokens, then a window start uniform in [0, len - seqlen - 1]. [nsamples, seqlen]
+    int64."""
+    import random
+
+    if nsamples <= 0 or seqlen <= 1:
+        raise UserError(f"need at least one calibration sample of 2+ tokens (got {nsamples} x {seqlen})")
+    if not docs:
+        raise UserError("the calibration text has no documents")
+    rng = random.Random(seed)  # the same sequence as random.seed(seed) + random.randint, without touching global state
+    lengths: dict[int, torch.Tensor] = {}
+    windows = []
+    for _ in range(nsamples):
+        for _attempt in range(100 * len(docs) + 1000):
+            index = rng.randint(0, len(docs) - 1)
+            if index not in lengths:
+                lengths[index] = torch.tensor(
+                    tokenizer(docs[index], add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+            ids = lengths[index]
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise UserError(f"the reference sampler found no document longer than {seqlen} tokens")
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+    return torch.stack(windows)
+
+
 def model_max_length(model) -> int | None:
     cfg = model.config
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):

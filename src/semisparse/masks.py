@@ -44,11 +44,24 @@ class Pattern:
         return f"{self.n}:{self.m}"
 
 
-def nm_mask(scores: torch.Tensor, pattern: Pattern | str) -> torch.Tensor:
+#: How entries with equal scores are ordered. "stable": keep the N highest, ties to the lower index (the default:
+#: a documented rule every process computes alike). "reference": prune the M-N lowest as torch.topk(largest=False)
+#: returns them, which is what the SparseGPT and Wanda reference codes do (to reproduce their numbers exactly).
+TIE_ORDERS = ("stable", "reference")
+
+
+def check_tie_order(tie_order: str) -> str:
+    if tie_order not in TIE_ORDERS:
+        raise UserError(f"unknown tie order {tie_order!r} (choose from {', '.join(TIE_ORDERS)})")
+    return tie_order
+
+
+def nm_mask(scores: torch.Tensor, pattern: Pattern | str, tie_order: str = "stable") -> torch.Tensor:
     """Keep the N highest scores in every group of M consecutive entries of the last dimension.
 
-    Ties are broken towards the lower column index (a stable sort), so every process and every run computes
-    the same mask from the same scores.
+    ``tie_order`` "stable" breaks ties towards the lower column index (a stable sort), so every process and every
+    run computes the same mask from the same scores; "reference" marks the M-N entries ``torch.topk(group, M-N,
+    largest=False)`` returns as pruned, as the SparseGPT/Wanda reference codes do.
     """
     pattern = Pattern.parse(pattern)
     n, m = pattern.n, pattern.m
@@ -58,6 +71,11 @@ def nm_mask(scores: torch.Tensor, pattern: Pattern | str) -> torch.Tensor:
     if torch.isnan(scores).any():
         raise ValueError("mask scores contain NaN")
     groups = scores.reshape(*scores.shape[:-1], cols // m, m)
+    if check_tie_order(tie_order) == "reference":
+        pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
+        mask = torch.ones_like(groups, dtype=torch.bool)
+        mask.scatter_(-1, pruned, False)
+        return mask.reshape(scores.shape)
     order = torch.argsort(groups, dim=-1, descending=True, stable=True)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(-1, order[..., :n], True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -34,6 +34,8 @@ class PruneSection(_Section):
     seqlen: int = Field(2048, ge=2, description="calibration window length (capped at the model's context)")
     seed: int = 0
     text_field: str = "text"
+    calib_sampler: Literal["random", "reference"] = Field("random", description="reference: the SparseGPT/Wanda draw")
+    tie_order: Literal["stable", "reference"] = Field("stable", description="reference: torch.topk(largest=False)")
 
     @field_validator("method")
     @classmethod

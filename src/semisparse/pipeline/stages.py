@@ -101,7 +101,8 @@ class PruneStage:
         p = ctx.cfg.prune
         # Pruning is one atomic write: an interrupted prune left nothing behind and simply runs again.
         api.prune(ctx.cfg.model, p.method, ctx.cfg.pattern, p.calib, ctx.dir(self.name), p.nsamples, p.seqlen,
-                  p.seed, p.text_field, device=ctx.cfg.device, overwrite=True, progress=ctx.progress)
+                  p.seed, p.text_field, device=ctx.cfg.device, overwrite=True, progress=ctx.progress,
+                  calib_sampler=p.calib_sampler, tie_order=p.tie_order)
 
 
 class TrainStage:

@@ -10,6 +10,7 @@ from semisparse.masks import Pattern, nm_mask
 class Magnitude:
     name = "magnitude"
     needs_calibration = False
+    tie_order = "stable"
 
     def new_stats(self, in_features: int) -> None:
         return None
@@ -18,6 +19,6 @@ class Magnitude:
         raise AssertionError("magnitude pruning uses no calibration data")
 
     def prune(self, weight: torch.Tensor, stats: None, pattern: Pattern) -> torch.Tensor:
-        mask = nm_mask(weight.abs(), pattern)
+        mask = nm_mask(weight.abs(), pattern, self.tie_order)
         weight.mul_(mask)
         return mask

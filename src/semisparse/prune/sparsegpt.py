@@ -15,6 +15,7 @@ from semisparse.masks import Pattern, nm_mask
 class SparseGPT:
     name = "sparsegpt"
     needs_calibration = True
+    tie_order = "stable"
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
         self.blocksize = blocksize
@@ -34,7 +35,8 @@ class SparseGPT:
 
     def prune(self, weight: torch.Tensor, stats: dict, pattern: Pattern) -> torch.Tensor:
         pruned, mask = sparsegpt_prune(
-            weight, self.hessian(stats).to(weight.device), pattern, self.blocksize, self.percdamp
+            weight, self.hessian(stats).to(weight.device), pattern, self.blocksize, self.percdamp,
+            tie_order=self.tie_order,
         )
         weight.copy_(pruned.to(weight.dtype))
         return mask
@@ -47,6 +49,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     dtype: torch.dtype = torch.float32,
+    tie_order: str = "stable",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [out, in] given H [in, in]; returns (pruned weight, bool mask). Inputs are not modified."""
     m = pattern.m
@@ -72,7 +75,7 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if i % m == 0:  # choose this group's kept entries from the updated weights (OBS saliency)
                 scores = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
-                mask[:, i1 + i : i1 + i + m] = nm_mask(scores, pattern)
+                mask[:, i1 + i : i1 + i + m] = nm_mask(scores, pattern, tie_order)
             w = W1[:, i]
             q = w * mask[:, i1 + i]
             err = (w - q) / d[i]

@@ -15,6 +15,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Te
 class Wanda:
     name = "wanda"
     needs_calibration = True
+    tie_order = "stable"
 
     def new_stats(self, in_features: int) -> torch.Tensor:
         return torch.zeros(in_features, dtype=torch.float64)
@@ -23,6 +24,6 @@ class Wanda:
         stats += x.double().pow(2).sum(0).cpu()
 
     def prune(self, weight: torch.Tensor, stats: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-        mask = nm_mask(wanda_scores(weight, stats.to(weight.device)), pattern)
+        mask = nm_mask(wanda_scores(weight, stats.to(weight.device)), pattern, self.tie_order)
         weight.mul_(mask)
         return mask

@@ -228,18 +228,23 @@ def _exact_filter(names) -> LayerFilter:
     return LayerFilter(include=[f"^{re.escape(n)}$" for n in names], exclude=[], blocks_only=False)
 
 
-def _init_masks(net: nn.Module, cfg: Recipe, stream: torch.Tensor, seq_len: int, device, progress: bool):
+def _init_masks(net: nn.Module, cfg: Recipe, stream: torch.Tensor, seq_len: int, device, progress: bool,
+                tokenizer=None, docs: list[str] | None = None):
     """One-shot masks by the init method. Kept weights come from the pruner (SparseGPT updates them). Pruned weights
     restart from their dense values (``init.pruned_weights: dense``, the paper: AST trains all dense weights, so the
     straight-through gradient can bring them back) or stay at the pruner's zeros (``zero``: the first magnitude
     recompute then keeps the pruner's mask instead of reverting groups to magnitude's choice)."""
     from semisparse.prune import get_method, prune_model
 
-    pruner = get_method(cfg.init.source)
+    pruner = get_method(cfg.init.source, cfg.init.tie_order)
     windows = None
     if pruner.needs_calibration:
         calib_len = min(cfg.init.calib_seqlen or seq_len, stream.numel() - 1)
-        windows = data_mod.calibration_windows(stream, cfg.init.calib_samples, calib_len, cfg.train.seed)
+        if cfg.init.calib_sampler == "reference":
+            windows = data_mod.reference_calibration_windows(tokenizer, docs, cfg.init.calib_samples, calib_len,
+                                                             cfg.train.seed)
+        else:
+            windows = data_mod.calibration_windows(stream, cfg.init.calib_samples, calib_len, cfg.train.seed)
     restore = cfg.init.pruned_weights == "dense"
     dense = {name: weight_matrix(m).detach().clone() for name, m in select_layers(net).items()} if restore else {}
     result = prune_model(net, pruner, Pattern.parse(cfg.pattern), windows, None, False, device, progress)
@@ -431,7 +436,7 @@ def train(
             )
         masks0 = load_masks(init_dir)
     else:
-        masks0 = _init_masks(net, cfg, stream, seq_len, device, progress and is_main)
+        masks0 = _init_masks(net, cfg, stream, seq_len, device, progress and is_main, tokenizer, train_src.docs)
     masks0 = {k: v.to(torch.bool).cpu() for k, v in masks0.items()}
     try:
         layers = sparsify(
