@@ -60,7 +60,7 @@ def test_commands_are_listed_in_pipeline_order(cli):
     r = cli("--help")
     listed = re.findall(r"^│ (\w+)\s{2,}", r.stdout, flags=re.M)
     commands = [c for c in listed if c in {"prune", "train", "eval", "report", "run", "export"}]
-    assert commands == ["prune", "train", "eval", "report", "run"]
+    assert commands == ["prune", "train", "eval", "export", "report", "run"]
 
 
 def test_method_and_recipe_flags_list_their_choices(cli):

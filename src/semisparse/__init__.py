@@ -3,7 +3,9 @@
 The public API is ``semisparse.api``: one function per CLI verb, with the same arguments as the flags::
 
     from semisparse import api
-    api.prune(...); api.train(...); api.evaluate(...); api.report(...); api.run(...)
+    api.prune(...); api.train(...); api.evaluate(...); api.export(...); api.report(...); api.run(...)
+
+``semisparse.load(FOLDER)`` rebuilds the transformers model of an exported folder (``semisparse export``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,4 +15,17 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def load(path, device="cpu", dtype=None):
+    """The transformers model of an exported folder (``semisparse export``), every file's sha256 checked first.
+
+    Packed weights are unpacked (and de-quantized) into the stock layers, a SLoRB branch re-attached; ``generate``
+    and lm-eval's HFLM work on the result. ``device``: cpu, cuda, cuda:1, auto; ``dtype``: a torch dtype, default
+    the export dtype. The tokenizer: ``AutoTokenizer.from_pretrained(path)``. torch is imported on the first call.
+    """
+    from semisparse.devices import resolve_device
+    from semisparse.export.load import load_export
+
+    return load_export(path, resolve_device(device), dtype)[0]

@@ -267,6 +267,29 @@ def train(
     return run_training(model, out, recipe, overrides, resume=resume, overwrite=overwrite, progress=progress)
 
 
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    format: str = "packed",  # noqa: A002 - the CLI's --format
+    dtype: str = "fp16",
+    quant: str = "none",
+    group_size: int | None = None,
+    merge_slorb: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """``semisparse export``: write the run directory ``run_dir`` as a compact checkpoint into ``out``.
+
+    ``format`` packed (default): kept values + bit-packed positions per sparse layer, ``semisparse.load`` rebuilds
+    the model; hf: a stock transformers folder (zeros stored densely). ``dtype`` fp16 | bf16 | fp32 for floating
+    tensors; ``quant`` none | int8 (per output channel) | int4 (groups of ``group_size`` along the compacted input,
+    default the largest of 128, 64, 32 that divides it), symmetric round-to-nearest. ``merge_slorb`` (hf only) folds
+    a SLoRB branch into dense weights (no longer N:M). Returns the manifest (docs/export.md), plus ``out``.
+    """
+    from semisparse.export.writer import export_run
+
+    return export_run(run_dir, out, format, dtype, quant, group_size, merge_slorb, overwrite)
+
+
 def report(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
     """``semisparse report``: report.md + PNG plots comparing run directories; returns the report's path."""
     from semisparse.report import write_report
@@ -306,6 +329,7 @@ def run(
     limit: int | None = None,
     skip_missing: bool | None = None,
     stages: list[str] | None = None,
+    export: str | None = None,
     device: str | None = None,
     set: list[str] | None = None,  # noqa: A002 - the CLI's --set
     dry_run: bool = False,
@@ -313,11 +337,13 @@ def run(
     progress: bool = True,
     say=print,
 ):
-    """``semisparse run``: prune -> train -> eval -> report into ``out``; see ``semisparse.pipeline``.
+    """``semisparse run``: prune -> train -> eval -> (export ->) report into ``out``; see ``semisparse.pipeline``.
 
     ``model`` may also be a pipeline YAML file (then it is ``config``). Settings stack: ``preset`` <- ``config``
-    <- ``set`` <- the keyword arguments (None: not given). Returns a PipelineResult, or with ``dry_run`` a DryRun
-    (the plan and measured estimates; no weights loaded, nothing written).
+    <- ``set`` <- the keyword arguments (None: not given). ``export`` (packed | hf) adds the export stage with that
+    format (OUT/export; other export settings: ``set=["export.quant=int4"]`` or the config's ``export`` section).
+    Returns a PipelineResult, or with ``dry_run`` a DryRun (the plan and measured estimates; no weights loaded,
+    nothing written).
     """
     from semisparse.pipeline import Context, build_config, plan, run_pipeline
 
@@ -335,10 +361,12 @@ def run(
         "train": {"recipe": recipe, "tokens": tokens, "data": data},
         "eval": {"ppl": ppl, "ppl_max_windows": ppl_max_windows, "tasks": tasks, "task_data": task_data,
                  "limit": limit, "skip_missing": skip_missing},
+        "export": {"format": export},
     }
     from semisparse.pipeline.config import merge_fields
 
-    cfg, _where = build_config(config, preset, merge_fields(overrides, given))
+    cfg, _where = build_config(config, preset, merge_fields(overrides, given),
+                               add_stages=["export"] if export is not None else None)
     if dry_run:
         from semisparse.pipeline.estimate import estimate
         from semisparse.pipeline.runner import check_folder

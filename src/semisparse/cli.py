@@ -213,6 +213,45 @@ def eval_(
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory to export (from `semisparse prune` or `train`)."),
+    out: Path = typer.Option(..., help="Folder to write (one atomic write; see docs/export.md)."),
+    format: str = typer.Option(  # noqa: A002
+        "packed", help="packed: kept values + 2-bit positions per 2:4 layer, loaded by semisparse.load (and "
+        "semisparse eval); hf: a stock transformers folder, zeros stored densely."),
+    dtype: str = typer.Option("fp16", help="Floating tensors as fp16, bf16 or fp32."),
+    quant: str = typer.Option(
+        "none", help="Weight-only round-to-nearest of the kept values (packed only): none, int8 (one scale per "
+        "output channel) or int4 (one scale per --group-size values). GPTQ is not implemented yet."),
+    group_size: Optional[int] = typer.Option(
+        None, help="int4 group along the compacted input (default: the largest of 128, 64, 32 dividing it)."),
+    merge_slorb: bool = typer.Option(
+        False, help="hf: fold a SLoRB branch into the dense weights (W⊙M + S·X); the result is no longer N:M."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Write a run directory as a compact checkpoint: packed N:M weights (optionally int8/int4) or a stock folder.
+
+    The packed format is a storage format: loading unpacks to dense weights (a CUDA semi-structured backend
+    is later work)."""
+    from semisparse import api
+
+    m = api.export(run_dir, out, format=format, dtype=dtype, quant=quant, group_size=group_size,
+                   merge_slorb=merge_slorb, overwrite=overwrite)
+    files = sum(f["bytes"] for f in m["files"].values())
+    what = f"{format} {dtype}" + (f" {quant}" if quant != "none" else "")
+    sizes = m.get("sizes")
+    detail = ""
+    if sizes:
+        sp = sizes["sparse_layers"]
+        detail = (f", {sp['count']} {m['pattern']} layers at {8 * sp['bytes'] / sp['weights']:.3f} bits per weight "
+                  f"({100 * sp['bytes'] / (2 * sp['weights']):.2f} % of dense fp16)")
+    console.print(f"exported {what}{detail}: {files:,} bytes in {len(m['files']) + 1} files -> {out}")
+    if m.get("slorb") and m["slorb"]["merged"]:
+        console.print(f"note: SLoRB merged into the dense weights of {m['slorb']['layers']} layers: the exported "
+                      f"model is no longer {m['pattern']} sparse")
+
+
+@app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories to compare (dense, one-shot, retrained)."),
     out: Path = typer.Option(..., help="Folder for report.md and its PNG plots."),
@@ -244,6 +283,9 @@ def run(
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
     skip_missing: Optional[bool] = typer.Option(None, "--skip-missing", help="Report missing task files instead of failing."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: prune,train,eval,report)."),
+    export: Optional[str] = typer.Option(
+        None, help="Also export the retrained model (else the one-shot one) into OUT/export: packed or hf (see "
+        "`semisparse export`; --set export.quant=int4 and the like for the rest)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", help="Any pipeline field, FIELD=VALUE (repeatable), e.g. --set prune.nsamples=16; "
@@ -254,14 +296,16 @@ def run(
     overwrite: bool = typer.Option(False, help="Start over: replace the output folder."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Prune -> train -> eval -> report in one folder; re-running it skips complete stages and resumes training."""
+    """Prune -> train -> eval -> (export ->) report in one folder; re-running it skips complete stages and resumes
+    training."""
     from semisparse import api
 
     result = api.run(
         model, out, preset=preset, recipe=recipe, tokens=tokens, method=method, pattern=pattern, calib=calib,
         nsamples=nsamples, data=data, ppl=ppl, ppl_max_windows=ppl_max_windows, tasks=_split(tasks),
         task_data=str(task_data) if task_data else None, limit=limit, skip_missing=skip_missing,
-        stages=_split(stages), device=device, set=set_, dry_run=dry_run, overwrite=overwrite, progress=progress,
+        stages=_split(stages), export=export, device=device, set=set_, dry_run=dry_run, overwrite=overwrite,
+        progress=progress,
         say=lambda msg: console.print(msg, markup=False, highlight=False),
     )
     from semisparse.pipeline.show import print_plan, print_summary

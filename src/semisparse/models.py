@@ -100,6 +100,7 @@ class LoadedModel:
     source: str  # what the user asked for ("default", an id, a path)
     path: str  # what was actually loaded (resolved directory or hub id)
     run_meta: dict | None  # semisparse.json when MODEL is a run directory
+    export: dict | None = None  # the manifest when MODEL is an exported folder (semisparse export)
 
 
 def resolve_model(spec: str) -> str:
@@ -118,9 +119,16 @@ def resolve_model(spec: str) -> str:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load model + tokenizer. A run directory's SLoRB branch (if any) is re-attached so it is evaluated."""
+    """Load model + tokenizer. A run directory's SLoRB branch (if any) is re-attached so it is evaluated; an
+    exported folder (``semisparse export``) is verified and rebuilt (semisparse.export.load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (Path(spec).expanduser() / rundir.EXPORT_MANIFEST).is_file():
+        from semisparse.export.load import load_export
+
+        model, tokenizer, manifest = load_export(Path(spec).expanduser(), device, dtype)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=str(Path(spec).expanduser()),
+                           run_meta=None, export=manifest)
     path = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -34,6 +34,9 @@ RUN_FILE = "run.json"  # what `train` was asked (model, resolved recipe): `--res
 PLOTS_DIR = "plots"
 TB_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
+# An exported folder (`semisparse export`, docs/export.md): the manifest marks it and is written last.
+EXPORT_MANIFEST = "export.json"  # format and version, pattern, dtype, quantization, layers, provenance, sha256
+PACKED_WEIGHTS = "model.packed.safetensors"  # packed sparse layers + every other tensor
 
 
 def is_model_dir(path: str | Path) -> bool:

@@ -1,4 +1,4 @@
-"""The pipeline config: one YAML file (or flags, or a preset) for prune -> train -> eval -> report.
+"""The pipeline config: one YAML file (or flags, or a preset) for prune -> train -> eval -> (export ->) report.
 
 Every field is validated before any model is loaded; a problem is one line naming the field::
 
@@ -23,6 +23,8 @@ from semisparse.errors import UserError
 
 #: Shipped presets (package data under semisparse/presets/).
 PRESETS = ("quick", "paper")
+#: Stages run when the config lists none; export only when listed or asked for (--export).
+DEFAULT_STAGES = ("prune", "train", "eval", "report")
 
 
 class PruneSection(_Section):
@@ -70,6 +72,27 @@ class EvalSection(_Section):
     text_field: str = "text"
 
 
+class ExportSection(_Section):
+    """The export stage (not run unless listed in ``stages`` or asked with --export): the train stage's run
+    directory (else the prune stage's) as a compact checkpoint in OUT/export (``semisparse export``)."""
+
+    format: str = Field("packed", description="packed | hf")
+    dtype: str = Field("fp16", description="fp16 | bf16 | fp32")
+    quant: str = Field("none", description="none | int8 | int4 (round-to-nearest; packed only)")
+    group_size: int | None = Field(None, gt=0, description="int4 group size (default: 128, 64 or 32)")
+    merge_slorb: bool = Field(False, description="hf: fold a SLoRB branch into dense weights (no longer N:M)")
+
+    @field_validator("format", "dtype", "quant")
+    @classmethod
+    def _choice(cls, value: str, info) -> str:
+        from semisparse.export import options
+
+        choices = {"format": options.FORMATS, "dtype": options.DTYPES, "quant": options.QUANTS}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r} (choose from {', '.join(choices)})")
+        return value
+
+
 class ReportSection(_Section):
     names: dict[str, str] = Field(default_factory=dict, description="display name per model (dense/prune/train)")
 
@@ -80,10 +103,11 @@ class PipelineConfig(_Section):
     out: str | None = None
     pattern: str = "2:4"
     device: str = "auto"
-    stages: list[str] = Field(default_factory=lambda: ["prune", "train", "eval", "report"])
+    stages: list[str] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     prune: PruneSection = PruneSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
     report: ReportSection = ReportSection()
 
     _check_pattern = field_validator("pattern")(nm_pattern)
@@ -132,9 +156,12 @@ def merge_fields(base: dict, top: dict) -> dict:
 
 
 def build_config(
-    config_file: str | Path | None = None, preset: str | None = None, overrides: dict | None = None
+    config_file: str | Path | None = None, preset: str | None = None, overrides: dict | None = None,
+    add_stages: list[str] | None = None,
 ) -> tuple[PipelineConfig, str]:
-    """Preset (if any) <- config file (if any) <- overrides (flags; None = not given). Validated as a whole."""
+    """Preset (if any) <- config file (if any) <- overrides (flags; None = not given). Validated as a whole.
+
+    ``add_stages``: stages added to whatever list the layers above settle on (``--export``)."""
     data: dict = {}
     where = "(flags)"
     if preset is not None:
@@ -144,6 +171,10 @@ def build_config(
         data = merge_fields(data, read_config_file(Path(config_file)))
         where = str(config_file)
     data = merge_fields(data, overrides or {})
+    if add_stages:
+        stages = data.get("stages")
+        stages = list(stages) if isinstance(stages, list) else list(DEFAULT_STAGES)
+        data["stages"] = stages + [s for s in add_stages if s not in stages]
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -183,6 +214,17 @@ def check_config(cfg: PipelineConfig, where: str) -> None:
                 f"pipeline {where}: train.tokens: {cfg.train.tokens} is less than one optimizer step "
                 f"({t.batch_size} x {t.grad_accum} x {t.seq_len} = {per_step} tokens)"
             )
+    if "export" in cfg.stages:
+        from semisparse.export.options import check_options
+
+        if not {"prune", "train"} & set(cfg.stages):
+            raise UserError(f"pipeline {where}: export: it exports the train (or prune) stage's run directory: "
+                            "list one of them in stages")
+        e = cfg.export
+        try:
+            check_options(e.format, e.dtype, e.quant, e.group_size, e.merge_slorb)
+        except UserError as exc:
+            raise UserError(f"pipeline {where}: export: {exc}") from None
     if "eval" in cfg.stages:
         if not cfg.eval.ppl and not cfg.eval.tasks:
             raise UserError(f"pipeline {where}: eval: nothing to evaluate (give eval.ppl and/or eval.tasks)")

@@ -227,6 +227,8 @@ def estimate(ctx: Context) -> Estimate:
         est.notes["train"] = (f"{probe['steps']} steps x {probe['seconds_per_step']:.2f} s "
                               f"({probe['batch_size']} x {probe['grad_accum']} x {probe['seq_len']} tokens, "
                               f"{probe['precision']}) + {evals} held-out evaluations")
+    if "export" in todo:
+        est.notes["export"] = "seconds: one pass over the weights"
     if "report" in todo:
         est.notes["report"] = "seconds: it only reads files"
     if est.peak_bytes is None:

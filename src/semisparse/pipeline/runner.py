@@ -5,6 +5,7 @@
       prune/             a `semisparse prune` run directory (the initial mask)
       train/             a `semisparse train` run directory (checkpoints/ while it runs)
       eval/              dense.json, prune.json, train.json: perplexity and zero-shot results per model
+      export/            only with --export (or export in stages): a `semisparse export` folder of train/
       report/            report.md + PNG plots
 
 Re-running the same command skips every stage whose output is complete, resumes an interrupted training from its
@@ -28,7 +29,7 @@ from semisparse.pipeline.stages import DONE, RESUME, STAGES, Context
 PIPELINE_FILE = "pipeline.json"
 #: Config fields that may change between runs of one folder without touching the model stages' outputs.
 _FREE = ("out", "device", "description")
-_DERIVED = ("eval", "report")
+_DERIVED = ("eval", "export", "report")
 
 
 @dataclass
@@ -59,6 +60,14 @@ def config_changes(saved: dict, cfg: PipelineConfig) -> list[tuple[str, object, 
             if k.split(".")[0] not in _FREE and old.get(k) != new.get(k)]
 
 
+def _export_toggled(change: tuple[str, object, object]) -> bool:
+    """Adding or dropping only the export stage: it reads the other stages' outputs, they stay valid."""
+    key, old, new = change
+    if key != "stages" or not isinstance(old, list) or not isinstance(new, list):
+        return False
+    return set(old) ^ set(new) == {"export"}
+
+
 def check_folder(cfg: PipelineConfig, out: Path, overwrite: bool) -> list[str]:
     """Validate OUT against the config; returns the derived stages whose settings changed (to redo)."""
     record = out / PIPELINE_FILE
@@ -76,7 +85,7 @@ def check_folder(cfg: PipelineConfig, out: Path, overwrite: bool) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{record} is unreadable ({exc}): pass --overwrite to start over") from None
     changes = config_changes(saved, cfg)
-    blocking = [c for c in changes if c[0].split(".")[0] not in _DERIVED]
+    blocking = [c for c in changes if c[0].split(".")[0] not in _DERIVED and not _export_toggled(c)]
     if blocking:
         text = ", ".join(f"{k} ({a!r} in the folder, {b!r} asked)" for k, a, b in blocking[:6])
         more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""

@@ -22,7 +22,7 @@ from semisparse.rundir import MODEL_CONFIG, RUN_FILE, RUN_META
 
 DONE, RESUME, TODO = "done", "resume", "todo"
 
-#: Every stage the pipeline knows, in pipeline order (export: a later issue).
+#: Every stage the pipeline knows, in pipeline order (export runs only when listed or asked for).
 STAGE_ORDER = ("prune", "train", "eval", "export", "report")
 
 REPORT_FILE = "report.md"
@@ -194,6 +194,42 @@ def local_model_dir(spec: str) -> Path | None:
         return None
 
 
+class ExportStage:
+    """The train stage's run directory (else the prune stage's) as a compact checkpoint (``semisparse export``).
+    Done when OUT/export's manifest verifies (every file's sha256) and records this source and these settings."""
+
+    name = "export"
+
+    def source(self, ctx: Context) -> Path:
+        return ctx.dir("train" if "train" in ctx.cfg.stages else "prune")
+
+    def _options(self, ctx: Context) -> dict:
+        e = ctx.cfg.export
+        return {"format": e.format, "dtype": e.dtype, "quant": e.quant, "group_size": e.group_size,
+                "merge_slorb": e.merge_slorb}
+
+    def status(self, ctx: Context) -> str:
+        from semisparse.export.format import verify
+
+        try:
+            manifest = verify(ctx.dir(self.name))
+        except UserError:
+            return TODO
+        same_source = (manifest.get("source") or {}).get("run_dir") == str(self.source(ctx).resolve())
+        return DONE if same_source and manifest.get("options") == self._options(ctx) else TODO
+
+    def describe(self, ctx: Context) -> str:
+        e = ctx.cfg.export
+        quant = "" if e.quant == "none" else f" {e.quant}"
+        return f"{e.format} {e.dtype}{quant} checkpoint of the {self.source(ctx).name} stage's run directory"
+
+    def run(self, ctx: Context, resume: bool) -> None:
+        from semisparse import api
+
+        # One atomic folder write: an interrupted export left nothing behind and simply runs again.
+        api.export(self.source(ctx), ctx.dir(self.name), overwrite=True, **self._options(ctx))
+
+
 class ReportStage:
     name = "report"
 
@@ -225,5 +261,5 @@ class ReportStage:
         write_report([r[0] for r in runs], ctx.dir(self.name), [r[1] for r in runs], eval_files=[r[2] for r in runs])
 
 
-STAGES = {cls.name: cls for cls in (PruneStage, TrainStage, EvalStage, ReportStage)}
+STAGES = {cls.name: cls for cls in (PruneStage, TrainStage, EvalStage, ExportStage, ReportStage)}
 assert all(name in STAGE_ORDER for name in STAGES)

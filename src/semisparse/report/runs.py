@@ -1,4 +1,5 @@
-"""Reading run directories for the report: provenance, results, training records and parameter counts.
+"""Reading run directories (and exported folders) for the report: provenance, results, training records and
+parameter counts.
 
 Everything comes from files (through ``semisparse.rundir``): shapes from the safetensors headers, kept entries by
 reading the masks one tensor at a time. No model is loaded, no score computed.
@@ -40,9 +41,14 @@ class RunInfo:
     slorb_params: int | None = None  # counted extra parameters (S, plus X unless X is a frozen indicator)
     slorb_params_meta: int | None = None
     eval_path: Path | None = None  # the eval file read (None: not evaluated)
+    export: dict | None = None  # export.json of an exported folder (semisparse export); meta is then its source's
+    export_bytes: int | None = None  # every file of the exported folder on disk
+    sparse_bytes: int | None = None  # packed: bytes of the sparse layers' tensors (values, positions, scales)
 
     @property
     def stage(self) -> str:
+        if self.export is not None:
+            return f"export ({self.export.get('options', {}).get('format', '?')})"
         if self.meta is None:
             return "model"
         return str(self.meta.get("stage") or "?")
@@ -114,11 +120,12 @@ def _count_masks(info: RunInfo) -> None:
         info.kept_source = rundir.RUN_META
 
 
-def _count_slorb(info: RunInfo) -> None:
+def _count_slorb(info: RunInfo, path: Path | None = None) -> None:
+    """SLoRB counts from the shapes in ``path`` (default: slorb.safetensors; an exported folder: its packed file)."""
     slorb_meta = (info.meta or {}).get("slorb")
     if isinstance(slorb_meta, dict) and isinstance(slorb_meta.get("params"), int):
         info.slorb_params_meta = slorb_meta["params"]
-    path = info.path / rundir.SLORB_FILE
+    path = path or info.path / rundir.SLORB_FILE
     if not path.is_file():
         return
     s = x = 0
@@ -137,6 +144,30 @@ def _count_slorb(info: RunInfo) -> None:
     info.slorb_params = s + (x if train_x else 0)
 
 
+def _count_export(info: RunInfo) -> None:
+    """An exported folder: sizes from its manifest and file sizes; a packed one has no model.safetensors, its
+    parameters are counted densely (pruned zeros included) so they compare with the run directory's."""
+    manifest = info.export or {}
+    info.export_bytes = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file() and p.name != "eval.json")
+    packed = info.path / rundir.PACKED_WEIGHTS
+    sizes = manifest.get("sizes")
+    if not packed.is_file() or not isinstance(sizes, dict):
+        _count_params(info)
+        if manifest.get("nm", True):
+            _count_masks(info)  # zeros stored densely: the source's kept count still holds
+        return
+    sparse, dense = sizes.get("sparse_layers") or {}, sizes.get("dense_tensors") or {}
+    info.sparse_layers, info.sparse_total, info.kept = sparse.get("count"), sparse.get("weights"), sparse.get("kept")
+    info.kept_source = rundir.EXPORT_MANIFEST
+    info.sparse_bytes = sparse.get("bytes")
+    info.params_total = (sparse.get("weights") or 0) + (dense.get("entries") or 0)
+    info.model_bytes = packed.stat().st_size
+    for shape, dtype in _shapes(packed).values():
+        info.weight_dtypes[dtype] = info.weight_dtypes.get(dtype, 0) + _numel(shape)
+    if (manifest.get("slorb") or {}).get("layers"):
+        _count_slorb(info, packed)
+
+
 def read_run(run_dir: Path, name: str | None = None, eval_file: Path | None = None) -> RunInfo:
     """Read one run directory (or a plain model directory). Raises UserError if it is not one.
 
@@ -146,16 +177,28 @@ def read_run(run_dir: Path, name: str | None = None, eval_file: Path | None = No
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"{path} is not a run directory (no such directory)")
-    if not rundir.is_model_dir(path):
+    export = None
+    if (path / rundir.EXPORT_MANIFEST).is_file():
+        from semisparse.export.format import read_manifest
+
+        export = read_manifest(path)
+    elif not rundir.is_model_dir(path):
         raise UserError(f"{path} is not a run directory (no {rundir.MODEL_CONFIG})")
     if eval_file is not None and not Path(eval_file).is_file():
         raise UserError(f"eval file {eval_file} given for {path} does not exist")
     eval_path = Path(eval_file) if eval_file is not None else path / rundir.EVAL_FILE
-    meta = rundir.read_run_meta(path) if (path / rundir.RUN_META).is_file() else None
+    if export is not None:
+        source_meta = (export.get("source") or {}).get("meta")
+        meta = source_meta if isinstance(source_meta, dict) else None
+    else:
+        meta = rundir.read_run_meta(path) if (path / rundir.RUN_META).is_file() else None
     ev = rundir.read_eval(eval_path)
     info = RunInfo(name=name or path.resolve().name, path=path, meta=meta, eval=ev,
-                   eval_path=eval_path if ev is not None else None)
+                   eval_path=eval_path if ev is not None else None, export=export)
     info.metrics, info.metrics_bad_lines = rundir.read_metrics_counted(path / rundir.METRICS_FILE)
+    if export is not None:
+        _count_export(info)
+        return info
     _count_params(info)
     _count_masks(info)
     _count_slorb(info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from semisparse.report.markdown import NOT_EVALUATED, NOT_RUN, finite, fmt_bytes, fmt_int, fmt_short, table
 from semisparse.report.runs import RunInfo, last_value
-from semisparse.rundir import EVAL_FILE, METRICS_FILE, RUN_META
+from semisparse.rundir import EVAL_FILE, METRICS_FILE, PACKED_WEIGHTS, RUN_META
 
 
 def _results_cell(run: RunInfo) -> str:
@@ -106,12 +106,19 @@ def params_section(runs: list[RunInfo]) -> list[str]:
         row("SLoRB X entries", lambda r: fmt_int(r.slorb_X)),
         row("SLoRB extra parameters", slorb_cell),
         row("SLoRB extra / total", slorb_pct),
-        row("model.safetensors on disk", lambda r: fmt_bytes(r.model_bytes)),
+        row("weight file on disk (model.safetensors or packed)", lambda r: fmt_bytes(r.model_bytes)),
         row("stored dtypes", lambda r: ", ".join(f"{k}" for k in r.weight_dtypes) or NOT_RUN),
         row("dense fp16 size (estimate)", dense_fp16),
         row("compressed 2:4 fp16 size (estimate)", compressed),
     ]
+    if any(r.export is not None for r in runs):
+        rows += export_rows(runs)
     out += table(header, rows)
+    if any(r.export is not None for r in runs):
+        out += ["", "*Exported folders* (`semisparse export`, docs/export.md): a packed folder's weight file is "
+                f"`{PACKED_WEIGHTS}` and its parameters are counted densely (pruned zeros included). *Bits per "
+                "weight* = 8 · weight-file bytes / total parameters; *bits per sparse-layer weight* = 8 · "
+                "bytes of the packed layers (values, positions, scales) / their dense weight count (9 for 2:4 fp16)."]
     out += [
         "",
         "*Kept non-zeros* count the `True` entries of `masks.safetensors` (or `sparse_weights.kept` of "
@@ -131,6 +138,34 @@ def params_section(runs: list[RunInfo]) -> list[str]:
         "",
     ]
     return out
+
+
+def export_rows(runs: list[RunInfo]) -> list[list[str]]:
+    """Rows for exported folders: format, bytes on disk, bits per weight (NOT_RUN for run directories)."""
+
+    def fmt_export(r):
+        if r.export is None:
+            return NOT_RUN
+        o, quant = r.export.get("options") or {}, r.export.get("quantization") or {}
+        text = f"{o.get('format')} {o.get('dtype')}"
+        if quant.get("scheme") not in (None, "none"):
+            text += f", {quant['scheme']} {quant.get('method', '')}".rstrip()
+        return text + ("" if r.export.get("nm", True) else ", SLoRB merged (not N:M)")
+
+    def bits(r):
+        if r.model_bytes is None or not r.params_total:
+            return NOT_RUN
+        return f"{8 * r.model_bytes / r.params_total:.3f}"
+
+    def sparse_bits(r):
+        return NOT_RUN if r.sparse_bytes is None or not r.sparse_total else f"{8 * r.sparse_bytes / r.sparse_total:.3f}"
+
+    return [
+        ["export format", *(fmt_export(r) for r in runs)],
+        ["exported folder on disk", *(fmt_bytes(r.export_bytes) if r.export is not None else NOT_RUN for r in runs)],
+        ["bits per weight (weight file)", *(bits(r) for r in runs)],
+        ["bits per sparse-layer weight (packed)", *(sparse_bits(r) for r in runs)],
+    ]
 
 
 def train_section(runs: list[RunInfo], plots: list[tuple[str, str]]) -> list[str]:

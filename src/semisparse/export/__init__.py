@@ -1,0 +1,15 @@
+"""`semisparse export`: a run directory as a compact checkpoint (docs/export.md).
+
+    options.py  the choices (format, dtype, quant, group size) and their checks; no torch, so the pipeline config
+                validates them before anything heavy is imported
+    pack.py     one sparse layer <-> kept values + bit-packed in-group positions (pure tensors)
+    quant.py    weight-only symmetric RTN of the kept values: int8 per output channel, int4 group-wise
+    source.py   read and check the run directory being exported
+    packed.py   the packed tensors and per-layer records of a model
+    hf.py       the stock transformers folder (optionally with SLoRB merged into the dense weights)
+    format.py   the manifest: write, read, verify (format version, sha256 of every file)
+    writer.py   export_run(): checks, then one atomic folder write
+    load.py     rebuild the transformers model from an exported folder
+
+Modules are imported on use: ``import semisparse.export.options`` stays light.
+"""

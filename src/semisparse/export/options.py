@@ -1,0 +1,33 @@
+"""The export choices and their checks, one place for the CLI, the API and the pipeline config (no torch here)."""
+
+from __future__ import annotations
+
+from semisparse.errors import UserError
+
+FORMATS = ("packed", "hf")
+DTYPES = ("fp16", "bf16", "fp32")
+QUANTS = ("none", "int8", "int4")
+#: --group-size default: the largest of these that divides a layer's compacted width (in * N / M).
+GROUP_SIZES = (128, 64, 32)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {flag} {value!r} (choose from {', '.join(choices)})")
+
+
+def check_options(format: str, dtype: str, quant: str, group_size: int | None, merge_slorb: bool) -> None:  # noqa: A002
+    """One-line UserError for a choice that does not exist or a combination that means nothing."""
+    _choice("--format", format, FORMATS)
+    _choice("--dtype", dtype, DTYPES)
+    _choice("--quant", quant, QUANTS)
+    if quant != "none" and format != "packed":
+        raise UserError(f"--quant {quant} needs --format packed (the hf format stores dense weights)")
+    if group_size is not None:
+        if quant != "int4":
+            raise UserError("--group-size applies to --quant int4 only (int8 uses one scale per output channel)")
+        if group_size <= 0:
+            raise UserError(f"--group-size must be positive (got {group_size})")
+    if merge_slorb and format != "hf":
+        raise UserError("--merge-slorb needs --format hf: the packed format keeps the SLoRB branch as its own "
+                        "tensors (merging it would break N:M)")
