@@ -23,3 +23,17 @@ def run_in_process(capsys, *args) -> SimpleNamespace:
 def run_subprocess(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "semisparse.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+#: Python source to start a script with: single-threaded, every optimizer step 0.25 s longer (through
+#: trainer.lr_at), so a test can SIGKILL a run after a given checkpoint and before it ends.
+SLOW_STEPS_PRELUDE = """
+import sys, time, torch
+torch.set_num_threads(1)
+from semisparse.train import trainer
+_lr_at = trainer.lr_at
+def _slow_lr_at(*a, **k):
+    time.sleep(0.25)
+    return _lr_at(*a, **k)
+trainer.lr_at = _slow_lr_at
+"""

@@ -52,6 +52,14 @@ def llama_dir(tmp_path, tokenizer):
     return save_model_dir(make_llama(), tokenizer, tmp_path / "tiny-llama")
 
 
+@pytest.fixture
+def cli(capsys):
+    """The CLI in-process (fast): cli(*args) returns returncode, stdout and stderr like subprocess.run."""
+    from clirun import run_in_process
+
+    return lambda *args: run_in_process(capsys, *args)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama saved once per test module (read-only: tests write their outputs elsewhere)."""

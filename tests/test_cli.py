@@ -5,15 +5,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from clirun import run_in_process, run_subprocess
+from clirun import run_subprocess
 from semisparse.layers import select_layers, weight_matrix
 from semisparse.masks import is_nm
 
 
 @pytest.fixture
-def run_cli(capsys):
-    """The CLI in-process (fast): returns an object with returncode, stdout and stderr like subprocess.run."""
-    return lambda *args: run_in_process(capsys, *args)
+def run_cli(cli):
+    return cli
 
 
 @pytest.fixture

@@ -10,17 +10,12 @@ from importlib.metadata import version
 import pytest
 import torch
 
-from clirun import run_in_process, run_subprocess
+from clirun import run_subprocess
 from semisparse.config import SHIPPED_RECIPES
 from semisparse.devices import resolve_device
 from semisparse.errors import UserError
 from semisparse.prune import METHODS
 from tiny import _SAMPLE
-
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *args: run_in_process(capsys, *args)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import semisparse
-from clirun import run_in_process, run_subprocess
+from clirun import run_subprocess
 from semisparse import api
 from semisparse.errors import UserError
 from semisparse.export.pack import pack_bits, pack_layer, unpack_bits, unpack_layer
@@ -30,11 +30,6 @@ from tiny import make_gpt2, make_llama, make_tokenizer, save_model_dir
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 3), (2, 6), (3, 5)]
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 IDS = torch.tensor([[5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 120, 33]])
-
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *args: run_in_process(capsys, *args)
 
 
 def one_line_error(r) -> str:

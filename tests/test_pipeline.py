@@ -15,15 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clirun import run_in_process
+from clirun import SLOW_STEPS_PRELUDE
 from semisparse import api
 from semisparse.masks import is_nm
 from semisparse.train import checkpoint as ckpt
-
-
-@pytest.fixture
-def cli(capsys):
-    return lambda *args: run_in_process(capsys, *args)
 
 
 def flags(text: Path, steps: int = 8) -> list[str]:
@@ -75,15 +70,7 @@ def test_full_pipeline_then_rerun_skips_everything(tmp_path, tiny_dir, text, cli
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # nothing rewritten
 
 
-_KILLED_SCRIPT = """
-import sys, time, torch
-torch.set_num_threads(1)
-from semisparse.train import trainer
-orig = trainer.lr_at
-def slow(*a, **k):
-    time.sleep(0.25)
-    return orig(*a, **k)
-trainer.lr_at = slow
+_KILLED_SCRIPT = SLOW_STEPS_PRELUDE + """
 from semisparse.cli import main
 main(sys.argv[1:])
 """

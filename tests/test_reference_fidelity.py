@@ -121,8 +121,7 @@ def test_prune_records_both_options(tmp_path, tiny_dir, text, fixture_data):
         api.prune(str(tiny_dir), "wanda", "2:4", calib, tmp_path / "x", calib_sampler="first")
 
 
-def test_recipes_configs_and_flags_name_both_options(tmp_path, tiny_dir, text, capsys):
-    from clirun import run_in_process
+def test_recipes_configs_and_flags_name_both_options(tmp_path, tiny_dir, cli):
     from semisparse.config import load_recipe
     from semisparse.pipeline.config import PipelineConfig
 
@@ -132,9 +131,9 @@ def test_recipes_configs_and_flags_name_both_options(tmp_path, tiny_dir, text, c
         load_recipe("ast-naive", {"init.tie_order": "lowest"})
     cfg = PipelineConfig.model_validate({"prune": {"calib_sampler": "reference", "tie_order": "reference"}})
     assert cfg.prune.tie_order == "reference"
-    r = run_in_process(capsys, "prune", tiny_dir, "--method", "magnitude", "--tie-order", "reference",
+    r = cli("prune", tiny_dir, "--method", "magnitude", "--tie-order", "reference",
                        "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "m" / "semisparse.json").read_text())["tie_order"] == "reference"
-    r = run_in_process(capsys, "prune", tiny_dir, "--tie-order", "lowest", "--out", tmp_path / "x")
+    r = cli("prune", tiny_dir, "--tie-order", "lowest", "--out", tmp_path / "x")
     assert r.returncode == 2 and "unknown tie order 'lowest'" in r.stderr

@@ -27,6 +27,7 @@ from semisparse.train import checkpoint as ckpt
 from semisparse.train import trainer
 from semisparse.train.sparse_linear import SparseLinear, slorb_parameter_count, sparse_layers
 from semisparse.train.stream import TokenBatches
+from clirun import SLOW_STEPS_PRELUDE
 from tiny import make_llama, make_tokenizer
 
 SEQ, BATCH = 16, 2
@@ -263,15 +264,7 @@ def test_slorb_run_saves_reloads_and_reports_overhead(tmp_path, tiny_dir, text):
     assert {p.name for p in (out / "plots").iterdir()} >= {"loss.png", "flip_rate.png", "lambda.png", "eval_ppl.png"}
 
 
-_KILLED_SCRIPT = """
-import sys, time, torch
-torch.set_num_threads(1)
-from semisparse.train import trainer
-orig = trainer.lr_at
-def slow(*a, **k):
-    time.sleep(0.25)
-    return orig(*a, **k)
-trainer.lr_at = slow
+_KILLED_SCRIPT = SLOW_STEPS_PRELUDE + """
 import json
 trainer.train(sys.argv[1], sys.argv[2], "ast-boosted", json.loads(sys.argv[3]), progress=False)
 """
