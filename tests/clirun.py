@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 
@@ -37,3 +41,25 @@ def _slow_lr_at(*a, **k):
     return _lr_at(*a, **k)
 trainer.lr_at = _slow_lr_at
 """
+
+
+def kill_once_written(script: str, args: list[str], marker: Path, timeout_s: float, what: str) -> int:
+    """Run ``python -c script *args`` (one OpenMP thread), SIGKILL it as soon as ``marker`` exists; its return code.
+
+    Fails the test if the process ends first (with its stderr) or ``marker`` does not appear in ``timeout_s``.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout_s
+        while not marker.is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, what
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode

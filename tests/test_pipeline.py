@@ -4,18 +4,14 @@ errors before any model load, refused config changes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from clirun import SLOW_STEPS_PRELUDE
+from clirun import SLOW_STEPS_PRELUDE, kill_once_written
 from semisparse import api
 from semisparse.masks import is_nm
 from semisparse.train import checkpoint as ckpt
@@ -79,21 +75,9 @@ main(sys.argv[1:])
 def test_killed_inside_train_reruns_to_the_same_weights(tmp_path, tiny_dir, text, cli):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     args = [str(a) for a in ("run", tiny_dir, *flags(text, steps=16))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, *args, "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while not (killed / "train" / "checkpoints" / "step-000004" / ckpt.MANIFEST).is_file():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no training checkpoint past step 4"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    marker = killed / "train" / "checkpoints" / "step-000004" / ckpt.MANIFEST
+    code = kill_once_written(_KILLED_SCRIPT, [*args, "--out", str(killed)], marker, 180, "no training checkpoint past step 4")
+    assert code == -signal.SIGKILL
     assert not (killed / "train" / "semisparse.json").exists() and not (killed / "eval").exists()
     prune_stamp = (killed / "prune" / "model.safetensors").stat().st_mtime_ns
 

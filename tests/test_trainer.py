@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from semisparse.train import checkpoint as ckpt
 from semisparse.train import trainer
 from semisparse.train.sparse_linear import SparseLinear, slorb_parameter_count, sparse_layers
 from semisparse.train.stream import TokenBatches
-from clirun import SLOW_STEPS_PRELUDE
+from clirun import SLOW_STEPS_PRELUDE, kill_once_written
 from tiny import make_llama, make_tokenizer
 
 SEQ, BATCH = 16, 2
@@ -277,21 +276,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
               "eval.at_start": False, "eval.at_end": False, "checkpoint.every": 2, "checkpoint.keep": 3,
               "log.plots": False, "mask.every": 3, "slorb.k": 8, "optim.lr": 1e-3, "decay.lambda_max": 1e-2}
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(tiny_dir), str(killed), json.dumps(fields)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not (killed / "checkpoints" / "step-000004" / ckpt.MANIFEST).is_file():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no checkpoint past step 4"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    marker = killed / "checkpoints" / "step-000004" / ckpt.MANIFEST
+    code = kill_once_written(_KILLED_SCRIPT, [str(tiny_dir), str(killed), json.dumps(fields)], marker, 120,
+                             "no checkpoint past step 4")
+    assert code == -signal.SIGKILL
     assert not (killed / "semisparse.json").exists()
 
     assert torch.get_num_threads() == 1  # as in the killed process
