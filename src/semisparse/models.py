@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from semisparse import rundir
-from semisparse.errors import UserError
+from semisparse.errors import UserError, first_line
 from semisparse.rundir import MASKS_FILE, RUN_META, SLORB_FILE, load_masks, read_run_meta  # noqa: F401 (re-exported)
 from semisparse.shipped import shipped_file
 
@@ -80,7 +80,7 @@ def gguf_model_dir(gguf: Path, target: Path | None = None, name: str | None = No
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # gguf/transformers report bad files variously
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot read GGUF model {gguf}: {first}") from exc
     # transformers refuses to save a GGUF-loaded model while it still carries its quantizer.
     model.hf_quantizer = None
@@ -134,7 +134,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load model {spec!r}: {first}") from exc
     model.to(device).eval()
     meta = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from semisparse import rundir
-from semisparse.errors import UserError
+from semisparse.errors import UserError, first_line
 from semisparse.export.format import FORMAT_NAMES, verify
 from semisparse.export.pack import unpack_layer
 from semisparse.export.packed import POSITIONS, SCALES, VALUES
@@ -107,6 +107,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             model.config.name_or_path = str(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (KeyError, ValueError, TypeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load the exported model {path}: {first}") from exc
     return model.to(device).eval(), tokenizer, manifest

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from semisparse import rundir
-from semisparse.errors import UserError
+from semisparse.errors import UserError, first_line
 from semisparse.layers import is_linear, weight_matrix
 from semisparse.masks import Pattern, is_nm
 
@@ -98,7 +98,7 @@ def read_source(path: str | Path) -> Source:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load the model of {path}: {first}") from exc
     model.eval()
     all_modules = dict(model.named_modules())

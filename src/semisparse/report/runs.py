@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from semisparse import rundir
-from semisparse.errors import UserError
+from semisparse.errors import UserError, first_line
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _safe_open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def _shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
