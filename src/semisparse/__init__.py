@@ -18,14 +18,17 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
 __all__ = ["__version__", "load"]
 
 
-def load(path, device="cpu", dtype=None):
+def load(path, device="cpu", dtype=None, backend=None):
     """The transformers model of an exported folder (``semisparse export``), every file's sha256 checked first.
 
     Packed weights are unpacked (and de-quantized) into the stock layers, a SLoRB branch re-attached; ``generate``
     and lm-eval's HFLM work on the result. ``device``: cpu, cuda, cuda:1, auto; ``dtype``: a torch dtype, default
     the export dtype. The tokenizer: ``AutoTokenizer.from_pretrained(path)``. torch is imported on the first call.
+    ``backend="cpu"`` (an int8/int4 packed export, on the CPU) runs the sparse layers through torch's weight-only
+    CPU kernels where a short measurement finds them faster (docs/export.md); the choice is printed and kept as
+    ``model.semisparse_backend``.
     """
     from semisparse.devices import resolve_device
     from semisparse.export.load import load_export
 
-    return load_export(path, resolve_device(device), dtype)[0]
+    return load_export(path, resolve_device(device), dtype, backend=backend)[0]

@@ -48,6 +48,28 @@ def ppl_eval(
     )
 
 
+def tokenize(
+    data: str,
+    out: str | Path,
+    model: str = "default",
+    *,
+    seqlen: int | None = None,
+    shard_tokens: int | None = None,
+    text_field: str = "text",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``semisparse tokenize``: stream DATA into token shards in ``out`` with MODEL's tokenizer (docs/data.md).
+
+    Returns the shard index plus ``"unchanged"``: True when ``out`` already held these shards (nothing written).
+    ``seqlen`` (optional) is recorded and checked: the text must hold one sequence of that length.
+    """
+    from semisparse.shards import DEFAULT_SHARD_TOKENS, tokenize_to_shards
+
+    return tokenize_to_shards(data, out, model=model, seqlen=seqlen, text_field=text_field, overwrite=overwrite,
+                              shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, progress=progress)
+
+
 def prune(
     model: str = "default",
     method: str = "sparsegpt",
@@ -176,6 +198,7 @@ def evaluate(
     out: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    backend: str | None = None,
 ) -> dict:
     """``semisparse eval``: perplexity on each DATA of ``ppl`` and zero-shot ``tasks``; results merged into a JSON file.
 
@@ -185,7 +208,12 @@ def evaluate(
     another model's results, or is not valid JSON, is refused before the model is loaded.
     ``skip_missing``: with ``task_data``, tasks whose local files are missing are reported under ``missing``
     instead of raising UserError (asking only for missing tasks is always an error).
+    ``backend`` (an exported folder only): "cpu" runs an int8/int4 export through torch's weight-only CPU kernels
+    (``semisparse.load``); the per-layer choice is saved under ``backend`` in the results.
     """
+    from semisparse.export.options import check_backend
+
+    backend = check_backend(backend)
     if not ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES")
     if limit is not None and limit <= 0:
@@ -202,8 +230,10 @@ def evaluate(
     json_out = Path(out) if out is not None else rundir.default_eval_file(model)
     rundir.eval_results_for(json_out, model)
     device = resolve_device(device)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device) if backend == "none" else _load_with_backend(model, device, backend)
     record: dict = {}
+    if backend != "none":
+        record["backend"] = loaded.model.semisparse_backend
     if sources:
         record["perplexity"] = {
             spec: ppl_eval(loaded.model, loaded.tokenizer, source, ppl_seqlen, batch_size, ppl_max_windows, device,
@@ -220,6 +250,19 @@ def evaluate(
     record_path = write_eval_json(json_out, loaded.source, record)
     record["json"] = str(record_path)
     return record
+
+
+def _load_with_backend(model: str, device, backend: str):
+    """An exported folder through a backend (``semisparse.load``), as load_model's LoadedModel."""
+    from semisparse.export.format import is_export_dir
+    from semisparse.export.load import load_export
+    from semisparse.models import LoadedModel
+
+    if not is_export_dir(Path(model).expanduser()):
+        raise UserError(f"--backend {backend} needs an exported folder (semisparse export), not {model}")
+    net, tokenizer, manifest = load_export(Path(model).expanduser(), device, backend=backend)
+    return LoadedModel(model=net, tokenizer=tokenizer, source=model, path=str(Path(model).expanduser()),
+                       run_meta=None, export=manifest)
 
 
 def train(
@@ -288,6 +331,28 @@ def export(
     from semisparse.export.writer import export_run
 
     return export_run(run_dir, out, format, dtype, quant, group_size, merge_slorb, overwrite)
+
+
+def bench(
+    export: str | Path,
+    device: str = "cpu",
+    backend: str | None = None,
+    json: str | Path | None = None,
+    prefill_tokens: int = 512,
+    new_tokens: int = 128,
+    batches: list[int] | tuple[int, ...] = (1, 8),
+    repeats: int = 3,
+    say=print,
+) -> dict:
+    """``semisparse bench``: the exported folder ``export`` against dense float32 and bf16 on the CPU: prefill
+    tokens/s (1 × ``prefill_tokens``), decode tokens/s with the KV cache at each of ``batches`` (``new_tokens``
+    greedy tokens), peak RSS, bytes on disk, the machine and versions; written to ``json`` (default
+    ./bench-<folder>.json). ``backend`` None: cpu for an int8/int4 export, else none. Returns the record."""
+    from semisparse.bench import BenchSettings, bench as run_bench
+
+    settings = BenchSettings(prefill_tokens=prefill_tokens, new_tokens=new_tokens, batches=tuple(batches),
+                             repeats=repeats)
+    return run_bench(export, device, backend, json, settings, say)
 
 
 def report(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:

@@ -30,6 +30,8 @@ MODEL_HELP = ("Hugging Face id, local model or run directory, a .gguf file, or '
 DATA_HELP = "A .txt/.jsonl/.parquet file or folder, 'wikitext2', 'c4', or 'default' (the shipped Wikipedia text)."
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."
 SET_HELP = "Any recipe field, SECTION.FIELD=VALUE (repeatable), e.g. --set mask.every=20."
+BACKEND_HELP = ("An exported folder's kernels: none (de-quantized float weights) or cpu (an int8/int4 export "
+                "through torch's weight-only CPU kernels, per layer where measured faster; docs/export.md).")
 
 
 def _methods() -> str:
@@ -92,6 +94,29 @@ def _split(items: Optional[str]) -> list[str] | None:
 
 
 @app.command()
+def tokenize(
+    data: str = typer.Argument(..., help="Text to tokenize. " + DATA_HELP),
+    model: str = typer.Option("default", help="Model whose tokenizer makes the ids. " + MODEL_HELP),
+    out: Path = typer.Option(..., help="Shard folder to write (binary shards + index.json; one atomic write)."),
+    seqlen: Optional[int] = typer.Option(None, help="Training sequence length to record and check (optional)."),
+    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per shard file (default 100,000,000)."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
+    overwrite: bool = typer.Option(False, help="Replace an existing shard folder made otherwise."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Tokenize DATA once into token shards that `train --data` reads lazily (for corpora past memory)."""
+    from semisparse import api
+
+    index = api.tokenize(data, out, model, seqlen=seqlen, shard_tokens=shard_tokens, text_field=text_field,
+                         overwrite=overwrite, progress=progress)
+    what = f"{index['tokens']:,} tokens of {index['documents']:,} documents in {len(index['shards'])} shards"
+    if index["unchanged"]:
+        console.print(f"{out} is up to date ({what}): nothing to do")
+    else:
+        console.print(f"tokenized {what} ({index['dtype']}) -> {out}")
+
+
+@app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., help="Run directory to write (a stock transformers model dir + masks)."),
@@ -143,7 +168,9 @@ def train(
         None, help=f"Initial mask: {_methods()}, or a `semisparse prune` run directory (default: recipe)."
     ),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern (default: recipe, 2:4)."),
-    data: Optional[str] = typer.Option(None, help="Training text (default: recipe, default). " + DATA_HELP),
+    data: Optional[str] = typer.Option(
+        None, help="Training text (default: recipe, default), or a token-shard folder from `semisparse tokenize` "
+        "(read lazily). " + DATA_HELP),
     eval_data: Optional[str] = typer.Option(None, help="Held-out text for perplexity (default: the eval part of --data)."),
     tokens: Optional[int] = typer.Option(None, help="Training token budget (steps = tokens / tokens per step)."),
     teacher: Optional[str] = typer.Option(
@@ -194,6 +221,7 @@ def eval_(
         None, help="JSON file for the results (default: MODEL_DIR/eval.json, or ./eval-<model>.json for a hub id)."
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    backend: str = typer.Option("none", help=BACKEND_HELP),
 ) -> None:
     """Evaluate MODEL: perplexity with its protocol, and zero-shot accuracy."""
     from semisparse import api
@@ -201,7 +229,7 @@ def eval_(
     record = api.evaluate(
         model, ppl=ppl, ppl_seqlen=ppl_seqlen, ppl_max_windows=ppl_max_windows, batch_size=batch_size,
         text_field=text_field, tasks=_split(tasks), task_data=str(task_data) if task_data else None, limit=limit,
-        skip_missing=skip_missing, out=out, device=device,
+        skip_missing=skip_missing, out=out, device=device, backend=backend,
     )
     if "perplexity" in record:
         console.print(_ppl_table(f"perplexity of {model}", record["perplexity"]))
@@ -249,6 +277,38 @@ def export(
     if m.get("slorb") and m["slorb"]["merged"]:
         console.print(f"note: SLoRB merged into the dense weights of {m['slorb']['layers']} layers: the exported "
                       f"model is no longer {m['pattern']} sparse")
+
+
+@app.command()
+def bench(
+    export: Path = typer.Argument(..., help="Exported folder (`semisparse export`)."),
+    device: str = typer.Option("cpu", help="cpu (a CUDA bench is not implemented yet)."),
+    backend: Optional[str] = typer.Option(
+        None, help="none or cpu (default: cpu for an int8/int4 export, else none). " + BACKEND_HELP),
+    json: Optional[Path] = typer.Option(None, help="JSON file for the results (default: ./bench-<folder>.json)."),
+    prefill_tokens: int = typer.Option(512, help="Prefill: one forward of 1 x this many tokens."),
+    new_tokens: int = typer.Option(128, help="Decode: greedy new tokens per generate call."),
+    batch: Optional[list[int]] = typer.Option(None, help="Decode batch size (repeatable; default 1 and 8)."),
+    repeats: int = typer.Option(3, help="Median of this many timed calls."),
+) -> None:
+    """Time an exported model against dense fp32 and bf16 on the CPU: prefill and decode tokens/s, RSS, bytes."""
+    from semisparse import api
+
+    r = api.bench(export, device=device, backend=backend, json=json, prefill_tokens=prefill_tokens,
+                  new_tokens=new_tokens, batches=tuple(batch) if batch else (1, 8), repeats=repeats,
+                  say=lambda msg: console.print(msg, markup=False, highlight=False))
+    table = Table(title=f"bench of {export} ({r['backend']} backend)")
+    batches = list(r["models"]["export"]["decode_tokens_per_s"])
+    for col in ("model", "prefill tok/s", *[f"decode b{b} tok/s" for b in batches], "peak RSS MiB", "bytes"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in r["models"].items():
+        table.add_row(name, f"{m['prefill_tokens_per_s']:,.0f}",
+                      *[f"{m['decode_tokens_per_s'][b]:,.1f}" for b in batches],
+                      f"{m['peak_rss_bytes'] / 2**20:,.0f}", f"{m['bytes_on_disk']:,}")
+    console.print(table)
+    for base, ratio in r["ratios"].items():
+        console.print(f"{base}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    console.print(f"results written to {r['json']}")
 
 
 @app.command()

@@ -3,7 +3,8 @@
 Packed: the model is built from the manifest's config without random init, the dense tensors are loaded, every
 sparse layer is unpacked (de-quantized first) into its weight through ``layers.weight_matrix`` (so GPT-2's
 transposed Conv1D needs no special case here), and a SLoRB branch is re-attached with the unpacked masks.
-hf: a stock ``from_pretrained``. Both verify every file's sha256 first.
+hf: a stock ``from_pretrained``. Both verify every file's sha256 first. ``backend="cpu"`` then swaps an int8/int4
+export's sparse layers for torch's weight-only CPU kernels where they measure faster (export/cpu_backend.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,17 @@ def _unpack(tensors: dict, name: str, record: dict, pattern: Pattern, quant: str
     return unpack_layer(values, positions, pattern, shape)
 
 
-def _load_packed(path: Path, manifest: dict, dtype: torch.dtype):
+def _quantized(tensors: dict, name: str, record: dict):
+    """The layer's stored codes, scales and positions, for the cpu backend (before ``_unpack`` pops them)."""
+    from semisparse.export.cpu_backend import QuantizedLayer
+
+    return QuantizedLayer(codes=tensors[f"{name}.{VALUES}"], scales=tensors[f"{name}.{SCALES}"],
+                          positions=tensors[f"{name}.{POSITIONS}"], shape=tuple(record["shape"]),
+                          width=record["width"], group_size=record["group_size"])
+
+
+def _load_packed(path: Path, manifest: dict, dtype: torch.dtype, keep_quantized: bool = False):
+    """The model; with ``keep_quantized`` (model, {layer: QuantizedLayer}) of a quantized export."""
     from safetensors.torch import load_file
 
     from semisparse.train.sparse_linear import SLORB_S, SLORB_X, attach_slorb
@@ -66,10 +77,12 @@ def _load_packed(path: Path, manifest: dict, dtype: torch.dtype):
     quant = manifest["quantization"]["scheme"]
     model = _skeleton(_config(manifest), dtype)
     modules = dict(model.named_modules())
-    sparse = {}
+    sparse, quantized = {}, {}
     for name, record in manifest["layers"].items():
         if name not in modules:
             raise ValueError(f"the model has no layer {name}")
+        if keep_quantized:
+            quantized[name] = _quantized(tensors, name, record)
         sparse[name] = _unpack(tensors, name, record, pattern, quant)
     slorb = {k: tensors.pop(k) for k in list(tensors) if k.rpartition(".")[2] in (SLORB_S, SLORB_X)}
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
@@ -86,20 +99,52 @@ def _load_packed(path: Path, manifest: dict, dtype: torch.dtype):
     model.tie_weights()
     if slorb:
         attach_slorb(model, slorb, pattern, masks={name: mask for name, (_d, mask) in sparse.items()})
-    return model
+    return (model, quantized) if keep_quantized else model
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, manifest) of an exported folder; ``dtype`` None: the export dtype."""
+def check_cpu_backend(path: Path, manifest: dict, device: torch.device) -> str:
+    """The export's quantization scheme, when the cpu backend can run it; else a one-line UserError."""
+    if torch.device(device).type != "cpu":
+        raise UserError(f"--backend cpu runs on the CPU (got device {device}): use --device cpu")
+    scheme = (manifest.get("quantization") or {}).get("scheme", "none")
+    if manifest["format"] != FORMAT_NAMES["packed"] or scheme not in ("int8", "int4"):
+        hf = manifest["format"] == FORMAT_NAMES["hf"]
+        what = "an hf export" if hf else f"not quantized ({manifest.get('dtype')})"
+        raise UserError(f"--backend cpu runs int8/int4 packed exports through torch's weight-only kernels; {path} is "
+                        f"{what}: export it with --quant int8 or int4, or leave --backend out for the float path")
+    return scheme
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                backend: str | None = None, measure=None):
+    """(model, tokenizer, manifest) of an exported folder; ``dtype`` None: the export dtype.
+
+    ``backend`` "cpu" (int8/int4 packed exports, on the CPU): sparse layers through torch's weight-only kernels
+    where a short measurement (``measure``: a cpu_backend.Measure) finds them not slower; ``dtype`` None there means
+    bf16 on a CPU with native bf16, else float32. The choice is printed and kept as ``model.semisparse_backend``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from semisparse.export.options import check_backend
+
     path = Path(path)
+    backend = check_backend(backend)
     manifest = verify(path)
+    scheme = check_cpu_backend(path, manifest, device) if backend == "cpu" else None
+    if scheme is not None:
+        from semisparse.export.cpu_backend import activation_dtype
+
+        dtype, dtype_reason = activation_dtype(dtype)
     dtype = dtype or TORCH_DTYPES.get(manifest.get("dtype"), torch.float32)
     try:
         if manifest["format"] == FORMAT_NAMES["hf"]:
             with quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        elif scheme is not None:
+            from semisparse.export.cpu_backend import apply_cpu_backend
+
+            model, quantized = _load_packed(path, manifest, dtype, keep_quantized=True)
+            model.semisparse_backend = apply_cpu_backend(model, quantized, Pattern.parse(manifest["pattern"]),
+                                                         scheme, dtype, dtype_reason, measure)
         else:
             model = _load_packed(path, manifest, dtype)
             if (path / "generation_config.json").is_file():

@@ -31,3 +31,15 @@ def check_options(format: str, dtype: str, quant: str, group_size: int | None, m
     if merge_slorb and format != "hf":
         raise UserError("--merge-slorb needs --format hf: the packed format keeps the SLoRB branch as its own "
                         "tensors (merging it would break N:M)")
+
+
+#: ``semisparse.load(backend=...)`` / ``--backend``: none = the de-quantized float path; cpu = torch's weight-only
+#: int8/int4 CPU kernels (export/cpu_backend.py).
+BACKENDS = ("none", "cpu")
+
+
+def check_backend(backend: str | None) -> str:
+    """The backend's name (None -> "none"); a one-line UserError for one that does not exist."""
+    backend = "none" if backend is None else backend
+    _choice("--backend", backend, BACKENDS)
+    return backend

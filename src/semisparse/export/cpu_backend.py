@@ -1,0 +1,265 @@
+"""``backend="cpu"``: an int8/int4 packed export's sparse layers through torch's weight-only CPU kernels.
+
+    int8  torch._weight_int8pack_mm(x [T, in], w int8 [out, in], scales [out])                 y = x (w·s)ᵀ
+    int4  torch._convert_weight_to_int4pack_for_cpu(codes int32 [out, in] in 0..15, 1) -> uint8 [out, in/2]
+          torch._weight_int4pack_mm_for_cpu(x [T, in], packed, G, scale_zeros [in/G, out, 2])  w = (code − 8)·s + z
+
+These are *dense* weight-only kernels: the kept values' codes are laid out densely at load, the pruned positions
+holding code 0 (int8) or 8 (int4, i.e. 0), so each weight costs 8 or 4 bits and the 2:4 pattern buys no speed
+here; the speed comes from moving 1/4 or 1/8 of fp32's bytes per token. Our codes map exactly: int8 is per output
+channel like the kernel; int4 groups g kept values along the compacted input, which span g·M/N dense columns, so
+the kernel's group G (32, 64, 128 or 256) is the largest dividing g·M/N and each scale is repeated; z = 0.
+
+Per layer: a shape the kernel does not take (below), a SLoRB layer, a kernel output that differs from the float
+path on a probe input, or a kernel that measures slower than the float path at any of the measured token counts
+keeps the float layer (the de-quantized weight, in the activation dtype). Layers of one shape share a measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from semisparse.export.pack import unpack_bits, unpack_layer
+from semisparse.layers import weight_matrix
+from semisparse.masks import Pattern
+
+#: qGroupSize values _weight_int4pack_mm_for_cpu accepts (torch 2.13), largest first.
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+#: The kernel's output against the float path on a probe input: max |difference| / max |float| above this is a
+#: kernel fault (torch 2.13's bf16 int8 kernel returns garbage for some widths), and the layer stays float.
+#: Measured agreement: ~1e-6 in float32, ~3e-3 in bf16.
+PROBE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------ activation dtype
+
+
+def activation_dtype(requested: torch.dtype | None) -> tuple[torch.dtype, str]:
+    """(dtype the backend computes in, why): bf16 where the CPU has native bf16 matmuls, else float32."""
+    from semisparse.devices import native_bf16_cpu
+    from semisparse.errors import UserError
+
+    if requested is not None:
+        if requested not in PROBE_RTOL:
+            raise UserError(f"the cpu backend computes in float32 or bfloat16, not {requested}")
+        return requested, "asked for"
+    feature = native_bf16_cpu()
+    if feature is not None:
+        return torch.bfloat16, f"this CPU has {feature} (native bf16 matmuls)"
+    return torch.float32, "this CPU has no native bf16 (no AVX-512 BF16 or AMX), where bf16 is slower than float32"
+
+
+# ------------------------------------------------------------------------------------------ shapes and layouts
+
+
+@dataclass
+class QuantizedLayer:
+    """One sparse layer as stored in the packed file (export/packed.py)."""
+
+    codes: torch.Tensor  # int8 [out, k] | uint8 int4 stream
+    scales: torch.Tensor  # [out] | [out, k/g]
+    positions: torch.Tensor  # uint8 bit stream
+    shape: tuple[int, int]  # [out, in]
+    width: int  # k = in·N/M
+    group_size: int  # g (k for int8)
+
+
+def int4_kernel_group(group_size: int, pattern: Pattern) -> int | None:
+    """The kernel's group G for a compacted group of ``group_size`` kept values (None: no G fits)."""
+    if group_size % pattern.n:
+        return None  # an M-block's kept values would straddle two scales
+    dense = group_size * pattern.m // pattern.n
+    return next((g for g in INT4_KERNEL_GROUPS if dense % g == 0), None)
+
+
+def unsupported(scheme: str, layer: QuantizedLayer, pattern: Pattern, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run this layer (None: it can)."""
+    out_f, in_f = layer.shape
+    if scheme == "int8":
+        if dtype == torch.bfloat16 and in_f % 16:
+            # measured on torch 2.13: wrong results or a segfault, so never call it (the probe cannot catch a crash)
+            return f"in_features {in_f} is not a multiple of 16 (the bf16 int8 kernel needs it)"
+        return None
+    if out_f % 16:
+        return f"out_features {out_f} is not a multiple of 16 (the int4 packing needs it)"
+    if int4_kernel_group(layer.group_size, pattern) is None:
+        return (f"its int4 group of {layer.group_size} kept values spans no multiple of "
+                f"{', '.join(map(str, sorted(INT4_KERNEL_GROUPS)))} dense columns (the kernel's group sizes)")
+    return None
+
+
+class WeightOnlyLinear(nn.Module):
+    """y = x Wᵀ + b through a weight-only kernel; x of any leading shape, cast to the kernel's dtype."""
+
+    def __init__(self, scheme: str, out_features: int, in_features: int, bias: torch.Tensor | None,
+                 tensors: dict[str, torch.Tensor], group: int | None = None):
+        super().__init__()
+        self.scheme, self.out_features, self.in_features, self.group = scheme, out_features, in_features, group
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.scales_dtype).contiguous()
+        if self.scheme == "int8":
+            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @property
+    def scales_dtype(self) -> torch.dtype:
+        return (self.scales if self.scheme == "int8" else self.scale_zeros).dtype
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.group else ""
+        return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}{group}"
+
+
+def kernel_layer(scheme: str, layer: QuantizedLayer, pattern: Pattern, dtype: torch.dtype,
+                 bias: torch.Tensor | None) -> WeightOnlyLinear:
+    """The kernel module of one layer: its codes laid out densely (zeros where pruned), packed once."""
+    out_f, in_f = layer.shape
+    bias = None if bias is None else bias.detach().to(dtype).clone()
+    if scheme == "int8":
+        dense, _ = unpack_layer(layer.codes, layer.positions, pattern, layer.shape)  # int8, 0 where pruned
+        tensors = {"weight_int8": dense.contiguous(), "scales": layer.scales.to(dtype).contiguous()}
+        return WeightOnlyLinear(scheme, out_f, in_f, bias, tensors)
+    signed = unpack_bits(layer.codes, 4, out_f * layer.width).reshape(out_f, layer.width).to(torch.int32) - 8
+    dense, _ = unpack_layer(signed, layer.positions, pattern, layer.shape)  # 0 where pruned
+    group = int4_kernel_group(layer.group_size, pattern)
+    repeat = layer.group_size * pattern.m // pattern.n // group
+    scales = layer.scales.to(torch.float32).reshape(out_f, -1).repeat_interleave(repeat, dim=1).t()  # [in/G, out]
+    scale_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(dtype).contiguous()
+    packed = torch._convert_weight_to_int4pack_for_cpu((dense + 8).contiguous(), 1)
+    return WeightOnlyLinear(scheme, out_f, in_f, bias, {"weight_int4": packed, "scale_zeros": scale_zeros}, group)
+
+
+# ------------------------------------------------------------------------------------------ the choice
+
+
+Timer = Callable[[str, tuple[int, int], int, Callable[[], object]], float]
+
+
+def median_seconds(path: str, shape: tuple[int, int], tokens: int, fn: Callable[[], object],
+                   budget_s: float = 0.03, min_reps: int = 5, max_reps: int = 200) -> float:
+    """Median wall time of ``fn`` (two warm-up calls, then at least ``min_reps`` within about ``budget_s``)."""
+    fn(), fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Measure:
+    """How the per-layer choice is measured: token counts per call (decode at batch 1 and 8 by default), the timer
+    (injectable for tests: ``timer(path, shape, tokens, fn) -> seconds``, path "kernel" or "float") and where the
+    choice is printed (None: silent)."""
+
+    tokens: tuple[int, ...] = (1, 8)
+    timer: Timer = median_seconds
+    say: Callable[[str], None] | None = print
+    seed: int = 0
+
+
+def _probe_error(kernel: nn.Module, module: nn.Module, x: torch.Tensor) -> float:
+    got, want = kernel(x).float(), module(x).float()
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+
+
+def _measure_shape(kernel: nn.Module, module: nn.Module, shape: tuple[int, int], dtype: torch.dtype,
+                   measure: Measure) -> tuple[str, str, dict]:
+    """(path, reason, timings µs) for one shape, the first layer of that shape standing for all."""
+    gen = torch.Generator().manual_seed(measure.seed)
+    x = torch.randn(max(measure.tokens), shape[1], generator=gen).to(dtype)
+    error = _probe_error(kernel, module, x)
+    if not error <= PROBE_RTOL[dtype]:
+        return "float", f"the kernel's output differs from the float path (relative error {error:.1e})", {}
+    timings, slower = {}, []
+    for tokens in measure.tokens:
+        xt = x[:tokens].contiguous()
+        k = measure.timer("kernel", shape, tokens, lambda: kernel(xt))
+        f = measure.timer("float", shape, tokens, lambda: module(xt))
+        timings[str(tokens)] = {"kernel_us": round(k * 1e6, 2), "float_us": round(f * 1e6, 2)}
+        if k > f:
+            slower.append(str(tokens))
+    if slower:
+        return "float", f"the kernel measured slower than the float path at {', '.join(slower)} token(s)", timings
+    return "kernel", "measured not slower than the float path", timings
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], pattern: Pattern, scheme: str,
+                      dtype: torch.dtype, dtype_reason: str, measure: Measure | None = None) -> dict:
+    """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel where chosen; returns
+    the choice (also printed through ``measure.say``): per layer path, reason, kernel group and timings."""
+    from semisparse.train.sparse_linear import SparseLinear
+
+    measure = measure or Measure()
+    by_shape: dict[tuple, tuple[str, str, dict]] = {}
+    report_layers: dict[str, dict] = {}
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            module = model.get_submodule(name)
+            record = {"shape": list(layer.shape), "scheme": scheme}
+            reason = ("it carries a SLoRB branch" if isinstance(module, SparseLinear)
+                      else unsupported(scheme, layer, pattern, dtype))
+            if reason is not None:
+                report_layers[name] = {**record, "path": "float", "reason": reason}
+                continue
+            bias = getattr(module, "bias", None)
+            kernel = kernel_layer(scheme, layer, pattern, dtype, bias)
+            key = (layer.shape, kernel.group, bias is not None)
+            if key not in by_shape:
+                by_shape[key] = _measure_shape(kernel, module, layer.shape, dtype, measure)
+            path, why, timings = by_shape[key]
+            report_layers[name] = {**record, "path": path, "reason": why, "kernel_group": kernel.group,
+                                   "timings": timings}
+            if path == "kernel":
+                parent, attr = _parent(model, name)
+                setattr(parent, attr, kernel)
+    chosen = sum(r["path"] == "kernel" for r in report_layers.values())
+    report = {"backend": "cpu", "scheme": scheme, "activation_dtype": str(dtype).removeprefix("torch."),
+              "activation_dtype_reason": dtype_reason, "measured_tokens": list(measure.tokens),
+              "torch": torch.__version__, "kernel_layers": chosen, "float_layers": len(report_layers) - chosen,
+              "layers": report_layers}
+    if measure.say is not None:
+        for line in describe(report):
+            measure.say(line)
+    return report
+
+
+def describe(report: dict) -> list[str]:
+    """The choice as a few lines: one per distinct (shape [out, in], path, reason)."""
+    lines = [f"cpu backend: {report['kernel_layers']} of {report['kernel_layers'] + report['float_layers']} sparse "
+             f"layers through the {report['scheme']} kernel, activations {report['activation_dtype']} "
+             f"({report['activation_dtype_reason']})"]
+    seen: dict[tuple, list[str]] = {}
+    for name, r in report["layers"].items():
+        seen.setdefault((tuple(r["shape"]), r["path"], r["reason"], str(r.get("timings", ""))), []).append(name)
+    for (shape, path, reason, _), names in seen.items():
+        timings = report["layers"][names[0]].get("timings") or {}
+        times = "; ".join(f"{t} tok {v['kernel_us']:.0f} vs {v['float_us']:.0f} µs" for t, v in timings.items())
+        count = f"{len(names)} layer{'s' if len(names) > 1 else ''}"
+        lines.append(f"  [{shape[0]}, {shape[1]}] ({count}): {path}: {reason}" + (f" [{times}]" if times else ""))
+    return lines
