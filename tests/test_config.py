@@ -71,7 +71,7 @@ def test_steps_or_fraction():
         ("train:\n  batch_size: 2.5\n", "train.batch_size: Input should be a valid integer"),
         ("mask: 3\n", "mask: Input should be a valid dictionary"),
         ("pattern: '3:2'\n", "pattern: impossible N:M pattern 3:2"),
-        ("decay:\n  variant: sgd\n", "decay.variant: Input should be 'adamw_decoupled' or 'grad'"),
+        ("decay:\n  variant: sgd\n", "decay.variant: Input should be 'adamw_decoupled', 'grad' or 'adams'"),
         ("optim: [1\n", "recipe bad.yaml: invalid YAML"),
         ("- 1\n- 2\n", "expected a mapping of fields"),
     ],

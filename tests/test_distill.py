@@ -11,6 +11,7 @@ from semisparse.train.distill import (
     distill_loss,
     final_hidden_states,
     lm_head,
+    logits_fit,
     shift_labels,
 )
 
@@ -41,8 +42,8 @@ def _reference(hs, ht, ws, wt, y, alpha, T):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.67, 1.0])
-@pytest.mark.parametrize("chunk", [1, 7, 10, 1000])
-def test_matches_direct_float64_values_and_gradients(alpha, chunk):
+@pytest.mark.parametrize("chunk, recompute", [(1, True), (7, True), (10, True), (1000, True), (7, False)])
+def test_matches_direct_float64_values_and_gradients(alpha, chunk, recompute):
     hs, ht, ws, wt, y = _data()
     hs_ref, ws_ref = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     total_ref, ce_ref, kl_ref = _reference(hs_ref, ht, ws_ref, wt, y, alpha, 2.0)
@@ -52,7 +53,8 @@ def test_matches_direct_float64_values_and_gradients(alpha, chunk):
     head = nn.Linear(H, V, bias=False).double()  # a head module: its weight must get the gradient too
     with torch.no_grad():
         head.weight.copy_(ws)
-    out = distill_loss(hs_mine, y, head, ht, wt, alpha=alpha, temperature=2.0, chunk_size=chunk)
+    out = distill_loss(hs_mine, y, head, ht, wt, alpha=alpha, temperature=2.0, chunk_size=chunk,
+                       recompute=recompute)
     out.loss.backward()
 
     assert out.n_tokens == int((y != -100).sum()) == 29
@@ -112,6 +114,28 @@ def test_only_one_chunk_of_logits_is_kept_for_backward():
     assert all(vocab not in t.shape for t in others), [tuple(t.shape) for t in others]
     assert sum(t.numel() for t in others) < B * S * vocab / 20
     assert ws.grad is not None and hs.grad.abs().sum() > 0
+
+
+def test_without_recompute_the_logits_are_kept_once():
+    """recompute=False: one [tokens, vocab] pass, kept for backward (no second head product in backward)."""
+    vocab = 2000
+    gen = torch.Generator().manual_seed(4)
+    hs = torch.randn(B, S, H, generator=gen).requires_grad_()
+    ws = torch.randn(vocab, H, generator=gen).requires_grad_()
+    y = torch.randint(0, vocab, (B, S), generator=gen)
+    calls = []
+    head = lambda h: calls.append(h.shape[0]) or F.linear(h, ws)  # noqa: E731 - counts head products
+    distill_loss(hs, y, head, alpha=0.0, chunk_size=8, recompute=False).loss.backward()
+    assert calls == [B * S]  # every counted token at once, never recomputed
+    calls.clear()
+    distill_loss(hs, y, head, alpha=0.0, chunk_size=8, recompute=True).loss.backward()
+    assert sum(calls) == 2 * B * S and max(calls) == 8  # chunks of 8, each rebuilt in backward
+
+
+def test_logits_fit_threshold():
+    assert logits_fit(1024, 49152)  # SmolLM2 at batch 4 x 256: keep
+    assert not logits_fit(8 * 1024, 50257)  # GPT-2 at the paper's 8 x 1024: recompute
+    assert logits_fit(2**17, 2**10) and not logits_fit(2**17 + 1, 2**10)
 
 
 def test_all_tokens_ignored_gives_zero_loss():

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from semisparse.errors import UserError
 
 #: Shipped recipes (package data under semisparse/recipes/).
-SHIPPED_RECIPES = ("ast-naive", "ast-boosted", "fixed-mask-kd", "naive-ce")
+SHIPPED_RECIPES = ("ast-naive", "ast-boosted", "cast", "fixed-mask-kd", "naive-ce")
 DEFAULT_RECIPE = "ast-naive"
 INIT_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -90,14 +90,22 @@ class InitConfig(StrictSection):
 
 class MaskConfig(StrictSection):
     update: bool = Field(True, description="recompute masks from |W| (False: the fixed-mask baseline)")
-    every: int = Field(10, ge=1, description="Δt: recompute after optimizer step t when t % every == 0, and at the end")
+    every: int = Field(10, ge=1, description="Δt: recompute every Δt optimizer steps (see timing), and at the end")
+    timing: Literal["after", "before"] = Field(
+        "after", description="after: after step t when t % every == 0 (AST's code); before: before the forward of "
+        "step t when t % every == 0, step 0 included (CAST's algorithm)")
+    forward: Literal["masked", "dense"] = Field(
+        "masked", description="masked: the forward uses W ⊙ M (AST, straight-through gradient); dense: the forward "
+        "uses W, the mask steers the decay and the final hard prune (CAST)")
 
 
 class DecayConfig(StrictSection):
-    """Annealed SR-STE decay on the pruned weights: λ(t) = lambda_max · min(t / T0, 1) with T0 = ramp."""
+    """Decay of the pruned weights. SR-STE (adamw_decoupled, grad): λ(t) = lambda_max · min(t / T0, 1) with T0 = ramp.
+    AdamS: λ = lambda_max throughout, and its mixing weight α(t) = min(t / T0, 1) (ramp 1.0: α = t / T, CAST)."""
 
-    variant: Literal["adamw_decoupled", "grad"] = Field(
-        "adamw_decoupled", description="adamw_decoupled: the paper's MaskedAdamW; grad: g += λ¬M⊙W then AdamW"
+    variant: Literal["adamw_decoupled", "grad", "adams"] = Field(
+        "adamw_decoupled", description="adamw_decoupled: the paper's MaskedAdamW; grad: g += λ¬M⊙W then AdamW; "
+        "adams: CAST's AdamS (λ·sign(W) mixed into the pruned weights' first moment)"
     )
     lambda_max: float = Field(1e-4, ge=0)
     ramp: StepsOrFraction = 0.25
@@ -108,7 +116,10 @@ class DecayConfig(StrictSection):
 class DistillConfig(StrictSection):
     alpha: float = Field(0.67, ge=0, le=1, description="weight of T²·KL; 0 = plain CE retraining, no teacher")
     temperature: float = Field(2.0, gt=0)
-    chunk_size: int = Field(1024, gt=0, description="tokens whose logits are built at a time")
+    chunk_size: int = Field(1024, gt=0, description="tokens whose logits are built at a time (when recomputed)")
+    recompute: Literal["auto", "always", "never"] = Field(
+        "auto", description="rebuild the logits chunk by chunk in backward instead of keeping them; auto: only when "
+        "a micro-batch's [tokens, vocab] logits exceed 2^27 entries")
     teacher: str | None = Field(None, description="dense teacher (default: MODEL, or the init run's dense model)")
 
 
@@ -116,6 +127,13 @@ class SlorbConfig(StrictSection):
     enabled: bool = False
     k: int = Field(16, ge=1, description="group size; rank = in_features / k")
     train_x: bool = True
+
+
+class ScaleConfig(StrictSection):
+    """CAST's learned weight scale: per sparse layer A [out, blocks], initialised to 1, folded into W at export."""
+
+    enabled: bool = False
+    blocks: int = Field(2, ge=1, description="n: scale factors per output row, over contiguous input blocks")
 
 
 class OptimConfig(StrictSection):
@@ -144,15 +162,38 @@ class TrainConfig(StrictSection):
     grad_accum: int = Field(1, gt=0)
     seed: int = 1337
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32")
     gradient_checkpointing: bool = False
     deterministic: bool = False
 
 
+class DataSource(StrictSection):
+    """One source of a training mixture (docs/data.md)."""
+
+    path: str = Field(..., description="a token-shard folder (`semisparse tokenize`) or any DATA text source")
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="relative share of the training sequences")
+
+
 class DataConfig(StrictSection):
-    train: str = "default"
+    train: str = Field("default", description="training DATA: text (tokenized on the fly) or a token-shard folder")
     eval: str | None = Field(None, description="held-out text (default: the eval split of data.train)")
     text_field: str = "text"
+    sources: list[DataSource] | None = Field(
+        None, description="a weighted mixture instead of data.train: [{path: ..., weight: 0.7}, ...]")
+
+    @field_validator("sources")
+    @classmethod
+    def _mixture(cls, value: list[DataSource] | None, info) -> list[DataSource] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one source (or leave data.sources out)")
+        if not sum(s.weight for s in value) > 0:
+            raise ValueError("the weights must sum to a positive number")
+        if info.data.get("train", "default") != "default":
+            raise ValueError("give data.train or data.sources, not both")
+        return value
 
 
 class EvalConfig(StrictSection):
@@ -183,6 +224,7 @@ class Recipe(StrictSection):
     decay: DecayConfig = DecayConfig()
     distill: DistillConfig = DistillConfig()
     slorb: SlorbConfig = SlorbConfig()
+    scale: ScaleConfig = ScaleConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
@@ -191,6 +233,14 @@ class Recipe(StrictSection):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     _check_pattern = field_validator("pattern")(nm_pattern)
+
+    @model_validator(mode="after")
+    def _fields_that_work_together(self) -> "Recipe":
+        """Combinations that cannot work, named by their fields (the model is not loaded yet)."""
+        if self.slorb.enabled and self.mask.forward == "dense":
+            raise ValueError("slorb.enabled and mask.forward: dense exclude each other (SLoRB stands in for the "
+                             "pruned weights, which a dense forward still uses)")
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -25,3 +25,33 @@ def resolve_device(spec: str | torch.device | None = AUTO) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def native_bf16_cpu() -> str | None:
+    """The CPU feature that runs bf16 matmuls natively (AMX or AVX-512 BF16), from torch's own CPU report; None on
+    CPUs without one (AVX2 only), where bf16 is emulated and slower than float32."""
+    import torch.cpu
+
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    for name, probe in probes:
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return name
+    return None
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """``(precision, reason)`` for ``train.precision``: ``fp32``/``bf16`` as asked; ``auto`` = bf16 autocast on CUDA
+    (when the GPU has bf16) and on a CPU with native bf16 matmuls, else fp32."""
+    if requested != AUTO:
+        return requested, f"train.precision: {requested} in the recipe"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} has bf16"
+        return "fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16"
+    if device.type == "cpu":
+        feature = native_bf16_cpu()
+        if feature is not None:
+            return "bf16", f"auto: this CPU has {feature} (native bf16 matmuls)"
+        return "fp32", "auto: this CPU has no native bf16 (no AVX-512 BF16 or AMX), where bf16 is slower than fp32"
+    return "fp32", f"auto: fp32 on {device.type}"

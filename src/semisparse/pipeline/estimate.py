@@ -118,11 +118,12 @@ def _train_probe(ctx: Context, model, device) -> dict:
     from semisparse.train.distill import distill_loss, final_hidden_states, lm_head
     from semisparse.train.optim import MaskedAdamW
     from semisparse.train.sparse_linear import param_masks, sparsify
+    from semisparse.devices import resolve_precision
     from semisparse.train.trainer import _autocast, _param_groups
 
     recipe, _ = load_recipe(ctx.cfg.train.recipe, recipe_overrides(ctx.cfg, None))
     t = recipe.train
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(t.precision, device)[0]
     seq_len = effective_seqlen(model, t.seq_len)
     teacher = copy.deepcopy(model).requires_grad_(False) if recipe.distill.alpha > 0 else None
     pattern = Pattern.parse(recipe.pattern)

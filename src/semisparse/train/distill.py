@@ -32,6 +32,16 @@ class DistillOutput:
     n_tokens: int
 
 
+# Keep a micro-batch's logits for backward (no recompute) while [tokens, vocab] has at most this many entries: about
+# five float32 copies stay alive (logits, CE's and KL's log-softmax, the teacher's, a gradient), 2.5 GiB at this cap.
+KEEP_LOGITS_MAX_ELEMENTS = 2**27
+
+
+def logits_fit(tokens: int, vocab: int) -> bool:
+    """Whether a micro-batch's logits are small enough to keep for backward instead of recomputing them."""
+    return tokens * vocab <= KEEP_LOGITS_MAX_ELEMENTS
+
+
 def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token targets aligned with the positions: ``targets[:, s] = input_ids[:, s+1]``, -100 at the last
     position and wherever the target token is padding."""
@@ -96,13 +106,16 @@ def distill_loss(
     alpha: float = 0.67,
     temperature: float = 2.0,
     chunk_size: int = 1024,
+    recompute: bool = True,
 ) -> DistillOutput:
     """α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(z_s, y), both averaged over the tokens whose target
     is not -100 (padding and the last position never count, for either term).
 
     ``student_hidden``/``teacher_hidden``: final hidden states [..., H] (``final_hidden_states``); ``targets``: the
     next-token target of each position, same leading shape (``shift_labels``); heads: LM head modules or weights.
-    α = 0 is plain CE retraining and needs no teacher. ``chunk_size`` tokens' logits are built at a time.
+    α = 0 is plain CE retraining and needs no teacher. ``chunk_size`` tokens' logits are built at a time, and
+    rebuilt in backward (``recompute``) so that one chunk's logits live at a time; ``recompute=False`` builds all
+    logits at once and keeps them for backward (faster, memory ∝ tokens × vocab: ``logits_fit`` decides).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -135,10 +148,11 @@ def distill_loss(
 
     ce_sum = student_hidden.new_zeros((), dtype=torch.promote_types(student_hidden.dtype, torch.float32))
     kl_sum = ce_sum
-    for start in range(0, n_tokens, chunk_size):
-        sl = slice(start, start + chunk_size)
+    chunk = chunk_size if recompute else max(n_tokens, 1)
+    for start in range(0, n_tokens, chunk):
+        sl = slice(start, start + chunk)
         args = (hs[sl], ht[sl] if ht is not None else None, ys[sl], student_head, teacher_head, temperature)
-        if torch.is_grad_enabled():
+        if recompute and torch.is_grad_enabled():
             # Recompute the chunk's logits in backward instead of keeping them (one chunk alive at a time).
             ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:

@@ -1,8 +1,10 @@
-"""Annealed SR-STE decay on the pruned weights (AST.md §2), in its two variants.
+"""Decay of the pruned weights during training: AST's annealed SR-STE decay (AST.md §2) in two variants, and
+CAST's AdamS (CAST.md §2).
 
 (a) ``MaskedAdamW``: the paper's AdamW, where the decay ``λ·(¬M ⊙ W)`` stays out of the first moment but feeds the
     second one (the GPT-2 reference code, minus its int-mask bug).
 (b) ``add_masked_decay_to_grad``: ``g += λ·(¬M ⊙ W)`` before a stock AdamW (the reference LLaMA path).
+(c) ``AdamS``: CAST's λ·sign(W) mixed into the pruned weights' first moment with a weight α ramping 0 → 1.
 
 Masks are bool tensors shaped like the weight (True = kept). Non-bool masks are rejected: in the reference code an
 int32 mask made ``~M`` a bitwise NOT (~1 = -2, ~0 = -1), which turned the decay into growth of every weight.
@@ -82,48 +84,114 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps, lam = group["lr"], group["weight_decay"], group["eps"], group["srste_lambda"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                step = state["step"].item()
-
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                exp_avg.lerp_(p.grad, 1 - beta1)
-
-                mask = self.masks.get(p)
-                if mask is None:  # stock AdamW: 2nd moment of the gradient
-                    update = exp_avg
-                    exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                else:
-                    _check_mask(p, mask)
-                    # u = m + λ(¬M⊙p): the decay enters the update and the 2nd moment, never the 1st (p is post-wd).
-                    # As in the paper and the reference code, the 2nd moment tracks u², not g², even when λ = 0.
-                    update = exp_avg.add(_pruned_part(p, mask), alpha=lam) if lam != 0 else exp_avg
-                    exp_avg_sq.mul_(beta2).addcmul_(update, update, value=1 - beta2)
-
-                step_size = lr / (1 - beta1**step)
-                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                p.addcdiv_(update, denom, value=-step_size)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
         return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One step for a group, as ``torch._foreach_*`` ops over all its tensors at once (a Python loop per
+        parameter costs more than the update on a small model); the same operations, in the same order, as the
+        formula in the class docstring."""
+        lr, wd, eps, lam = group["lr"], group["weight_decay"], group["eps"], group["srste_lambda"]
+        beta1, beta2 = group["betas"]
+        grads, exp_avgs, exp_avg_sqs, steps, masks = [], [], [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("MaskedAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            mask = self.masks.get(p)
+            if mask is not None:
+                _check_mask(p, mask)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+            masks.append(mask)
+        torch._foreach_add_(steps, 1.0)
+        counts = [s.item() for s in steps]
+
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        # u = m + λ(¬M⊙p) for masked tensors (p is post-wd), m for the others. The decay enters the update and the
+        # 2nd moment, never the 1st; the 2nd moment of a masked tensor tracks u², not g², even when λ = 0 (the
+        # paper's update); an unmasked one tracks g² (stock AdamW).
+        masked = [i for i, mask in enumerate(masks) if mask is not None]
+        updates = list(exp_avgs)
+        if masked:
+            new = self._masked_updates([params[i] for i in masked], [exp_avgs[i] for i in masked],
+                                       [masks[i] for i in masked], group)
+            for i, u in zip(masked, new):
+                updates[i] = u
+        second = [updates[i] if masks[i] is not None else grads[i] for i in range(len(params))]
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, second, second, value=1 - beta2)
+
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [(1 - beta2**c) ** 0.5 for c in counts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, updates, denom, [-lr / (1 - beta1**c) for c in counts])
+
+    def _masked_updates(self, params: list, exp_avgs: list, masks: list, group: dict) -> list:
+        """u = m + λ(¬M⊙p) for each masked tensor (new tensors; the first moments are left as they are)."""
+        lam = group["srste_lambda"]
+        if lam == 0:
+            return exp_avgs
+        # p·¬M in one foreach multiply (a bool factor): about 3x faster than a masked_fill on a copy per tensor
+        pruned = torch._foreach_mul(params, [mask.logical_not() for mask in masks])
+        return torch._foreach_add(exp_avgs, pruned, alpha=lam)
+
+
+class AdamS(MaskedAdamW):
+    """CAST's AdamS (CAST.md §2): an L1-like decay λ·sign(W) mixed into the first moment of the pruned weights with a
+    weight α that ramps from 0 to 1, per step::
+
+        m ← β1 m + (1−β1) g                                  (the raw gradient only: the stored moment)
+        ũ = m on kept entries,  (1−α)·m + α·λ·sign(p) on pruned ones (sign(0) = 0)
+        v ← β2 v + (1−β2) ũ²;   p ← p − lr/(1−β1^t) · ũ / (√v / √(1−β2^t) + ε)
+
+    ũ is never written back into m. λ is the group field ``srste_lambda`` (constant in CAST), α the group field
+    ``adams_alpha`` (set each step with ``set_adams_alpha``: t / T in the paper). Masked weights must be float32 or
+    float64: a bf16 master copy rounds a decay of λ ≈ 1e-7 away entirely. Unmasked parameters (norms, embeddings, the
+    weight scale) get stock AdamW.
+    """
+
+    def __init__(self, params: Iterable, *args, adams_alpha: float = 0.0, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("adams_alpha", float(adams_alpha))
+        for param in self.masks:
+            if param.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"AdamS needs float32 master weights for the masked layers, got {param.dtype}: "
+                                "the decay would vanish in rounding (use bf16 autocast, not bf16 weights)")
+
+    def _masked_updates(self, params: list, exp_avgs: list, masks: list, group: dict) -> list:
+        alpha, lam = group["adams_alpha"], group["srste_lambda"]
+        if alpha == 0:
+            return exp_avgs
+        decayed = torch._foreach_mul(exp_avgs, 1 - alpha)
+        if lam != 0:
+            torch._foreach_add_(decayed, torch._foreach_sign(params), alpha=alpha * lam)
+        return [torch.where(mask, m, d) for mask, m, d in zip(masks, exp_avgs, decayed)]
 
 
 def set_srste_lambda(optimizer: Optimizer, lam: float) -> None:
     """Set λ for every parameter group (call once per optimizer step, before ``step``)."""
     for group in optimizer.param_groups:
         group["srste_lambda"] = float(lam)
+
+
+def set_adams_alpha(optimizer: Optimizer, alpha: float) -> None:
+    """Set AdamS's mixing weight α for every parameter group (once per step, before ``step``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the AdamS mixing weight must be in [0, 1], got {alpha}")
+    for group in optimizer.param_groups:
+        group["adams_alpha"] = float(alpha)
 
 
 @torch.no_grad()

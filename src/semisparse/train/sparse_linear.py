@@ -8,7 +8,8 @@ re-adds the branch after loading.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +20,27 @@ from semisparse.masks import Pattern, is_nm, nm_mask
 
 SLORB_S = "slorb_S"
 SLORB_X = "slorb_X"
+WEIGHT_SCALE = "weight_scale"
 
 
 class _MaskedWeight(torch.autograd.Function):
     """``W ⊙ M`` forward, identity backward: the straight-through estimator of AST.md §1.
 
     Every dense weight, pruned ones included, receives ``dL/dW̃``, so a pruned weight whose gradient pushes it up can
-    win its group back at the next mask recompute.
+    win its group back at the next mask recompute. ``dtype``: the compute dtype (autocast's); the weight is cast
+    first and masked in that dtype, one pass over half the bytes instead of masking in float32 and casting after.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return weight * mask
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.weight_dtype = weight.dtype
+        if dtype == weight.dtype:
+            return weight * mask
+        return weight.to(dtype).mul_(mask)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return grad.to(ctx.weight_dtype), None, None
 
 
 def block_indicator(rank: int, k: int, *, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -80,6 +86,9 @@ class SparseLinear(nn.Module):
         # SLoRB branch (AST.md §4): absent until add_slorb / set_slorb.
         self.slorb_S: nn.Parameter | None = None
         self.slorb_X: torch.Tensor | None = None
+        # CAST (CAST.md §1, §3): a learned per-row, per-input-block scale, and the dense forward.
+        self.weight_scale: nn.Parameter | None = None
+        self.dense_forward = False
 
     # ----------------------------------------------------------------------------------------------- construction
 
@@ -99,9 +108,10 @@ class SparseLinear(nn.Module):
         return layer
 
     def to_dense(self) -> nn.Module:
-        """A stock ``nn.Linear``/``Conv1D`` holding exactly ``W ⊙ M`` (pruned entries stored as zeros), no SLoRB."""
+        """A stock ``nn.Linear``/``Conv1D`` holding exactly ``W ⊙ M`` (pruned entries stored as zeros; a weight scale
+        folded in first), no SLoRB."""
         with torch.no_grad():
-            masked = self.masked_weight()
+            masked = self.scaled_weight() * self.mask
         out_f, in_f = masked.shape
         # Build on the meta device: the constructors' random init would be wasted work on large layers.
         with torch.device("meta"):
@@ -148,8 +158,40 @@ class SparseLinear(nn.Module):
         return new
 
     def masked_weight(self) -> torch.Tensor:
-        """``W ⊙ M`` with the straight-through gradient to W."""
-        return _MaskedWeight.apply(self.weight, self.mask)
+        """``W ⊙ M`` (W scaled first, when the layer has a weight scale) with the straight-through gradient to W; in
+        autocast's dtype when autocast is on (a floating weight only: autocast leaves other dtypes alone)."""
+        dtype = self.weight.dtype
+        device_type = self.weight.device.type
+        if self.weight.is_floating_point() and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        return _MaskedWeight.apply(self.scaled_weight(), self.mask, dtype)
+
+    @torch.no_grad()
+    def pruned_abs_max(self) -> float:
+        """The largest |weight| (scaled) among the pruned entries: what a hard prune with the current mask cuts."""
+        pruned = self.scaled_weight().detach().abs().masked_fill(self.mask, 0)
+        return float(pruned.max()) if pruned.numel() else 0.0
+
+    # ----------------------------------------------------------------------------------------------- weight scale
+
+    def scaled_weight(self) -> torch.Tensor:
+        """W with entry (r, c) multiplied by A[r, c // (in / n)] (CAST.md §3); W itself without a scale."""
+        if self.weight_scale is None:
+            return self.weight
+        out_f, in_f = self.weight.shape
+        n = self.weight_scale.shape[1]
+        return (self.weight.view(out_f, n, in_f // n) * self.weight_scale.unsqueeze(-1)).view(out_f, in_f)
+
+    def add_weight_scale(self, n: int) -> None:
+        """A trainable scale A [out, n], initialised to 1: row r's input columns in n contiguous blocks, one factor
+        each. Every block must hold whole groups of M, so that a group shares one factor and the mask is unchanged."""
+        if n < 1 or self.in_features % (n * self.pattern.m):
+            raise ValueError(
+                f"a weight scale with n={n} blocks needs in_features={self.in_features} to be a multiple of "
+                f"n x M = {n * self.pattern.m}"
+            )
+        self.weight_scale = nn.Parameter(torch.ones(self.out_features, n, dtype=self.weight.dtype,
+                                                    device=self.weight.device))
 
     # ------------------------------------------------------------------------------------------------------ SLoRB
 
@@ -207,7 +249,9 @@ class SparseLinear(nn.Module):
     # ---------------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.masked_weight(), self.bias)
+        # Dense forward (CAST): every weight takes part; the mask only steers the decay and the final prune.
+        weight = self.scaled_weight() if self.dense_forward else self.masked_weight()
+        y = F.linear(x, weight, self.bias)
         if self.slorb_S is not None and self.slorb_X is not None:
             # Kept as a separate two-GEMM branch: merging S·X into W would break N:M.
             y = y + F.linear(F.linear(x, self.slorb_X), self.slorb_S)
@@ -216,9 +260,11 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         slorb = f", slorb_rank={self.slorb_S.shape[1]}" if self.slorb_S is not None else ""
         layout = ", conv1d" if self.conv1d else ""
+        scale = f", weight_scale_blocks={self.weight_scale.shape[1]}" if self.weight_scale is not None else ""
+        forward = ", dense_forward" if self.dense_forward else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern}{layout}{slorb}"
+            f"pattern={self.pattern}{layout}{slorb}{scale}{forward}"
         )
 
 
@@ -235,6 +281,19 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+@contextlib.contextmanager
+def masked_forward(layers: Mapping[str, SparseLinear]) -> Iterator[None]:
+    """Run dense-forward layers (CAST) through their masks for a while: the model as a hard prune now would make it."""
+    dense = {name: layer.dense_forward for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.dense_forward = False
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.dense_forward = dense[name]
+
+
 def param_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
     """{dense weight: its live mask buffer}: the mapping the masked optimizer needs. The buffers are updated in
     place by ``recompute_mask``, so this mapping never goes stale."""
@@ -248,12 +307,15 @@ def sparsify(
     layer_filter: LayerFilter | None = None,
     slorb_k: int | None = None,
     train_x: bool = True,
+    weight_scale_n: int | None = None,
+    dense_forward: bool = False,
 ) -> dict[str, SparseLinear]:
     """Replace every selected linear layer by a SparseLinear, in place.
 
     ``masks`` ([out, in] bool, keyed by qualified layer name) must cover exactly the selected layers; None means
-    magnitude masks of the current weights. ``slorb_k`` adds a SLoRB branch (mean init) to every layer. Build the
-    optimizer *after* this call: GPT-2 ``Conv1D`` weights become new (transposed) Parameters.
+    magnitude masks of the current weights. ``slorb_k`` adds a SLoRB branch (mean init) to every layer,
+    ``weight_scale_n`` a weight scale of that many blocks, ``dense_forward`` makes the forward use the dense weight
+    (CAST). Build the optimizer *after* this call: GPT-2 ``Conv1D`` weights become new (transposed) Parameters.
     """
     pattern = Pattern.parse(pattern)
     if sparse_layers(model):
@@ -266,6 +328,12 @@ def sparsify(
             raise ValueError(
                 f"layer {name}: in_features={weight_matrix(module).shape[1]} is not a multiple of M={pattern.m}, "
                 f"so it cannot be {pattern} sparse (exclude it with the layer filter)"
+            )
+        if weight_scale_n is not None and weight_matrix(module).shape[1] % (weight_scale_n * pattern.m):
+            raise ValueError(
+                f"layer {name}: in_features={weight_matrix(module).shape[1]} is not a multiple of "
+                f"scale.blocks x M = {weight_scale_n * pattern.m}, so a weight scale of {weight_scale_n} blocks would "
+                "split a group of M"
             )
     if masks is not None:
         missing = [n for n in selected if n not in masks]
@@ -287,6 +355,12 @@ def sparsify(
                 layer.add_slorb(slorb_k, train_x)
             except ValueError as err:
                 raise ValueError(f"layer {name}: {err}") from err
+        if weight_scale_n is not None:
+            try:
+                layer.add_weight_scale(weight_scale_n)
+            except ValueError as err:
+                raise ValueError(f"layer {name}: {err}") from err
+        layer.dense_forward = dense_forward
         _set_submodule(model, name, layer)
         wrapped[name] = layer
     return wrapped

@@ -42,16 +42,18 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from semisparse import data as data_mod
 from semisparse.config import INIT_METHODS, Recipe, apply_overrides, load_recipe, recipe_from_dict, resolve_steps
-from semisparse.devices import resolve_device
+from semisparse.devices import resolve_device, resolve_precision
 from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import perplexity
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
@@ -69,12 +71,21 @@ from semisparse.rundir import (  # noqa: F401 (read_metrics, truncate_metrics: r
     truncate_metrics,
 )
 from semisparse.train import checkpoint as ckpt
-from semisparse.train.distill import distill_loss, final_hidden_states, lm_head
-from semisparse.train.optim import MaskedAdamW, add_masked_decay_to_grad, decay_lambda, set_srste_lambda
+from semisparse.train.distill import distill_loss, final_hidden_states, lm_head, logits_fit
+from semisparse.train.optim import (
+    AdamS,
+    MaskedAdamW,
+    add_masked_decay_to_grad,
+    decay_lambda,
+    set_adams_alpha,
+    set_srste_lambda,
+)
 from semisparse.train.sparse_linear import (
+    WEIGHT_SCALE,
     SparseLinear,
     attach_slorb,
     densify,
+    masked_forward,
     param_masks,
     slorb_parameter_count,
     sparsify,
@@ -105,6 +116,25 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_rati
     span = max(total_steps - 1 - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def adams_reach(total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float, ramp_steps: int) -> float:
+    """Σ_t lr(t)·α(t): about the farthest AdamS can move a pruned weight over the run. Its step is Adam-normalised,
+    so once the decay dominates a pruned weight moves ≈ lr·α per step whatever λ is (CAST.md §2)."""
+    return sum(lr_at(t, total_steps, lr, warmup_steps, min_lr_ratio) * decay_lambda(t, 1.0, ramp_steps)
+               for t in range(total_steps))
+
+
+@torch.no_grad()
+def median_pruned_magnitude(layers: dict[str, SparseLinear]) -> float:
+    """Median |w| over the pruned entries of all layers (a sample of up to 2^20 per layer keeps it cheap)."""
+    samples = []
+    for layer in layers.values():
+        pruned = layer.scaled_weight().detach().abs()[~layer.mask]
+        if pruned.numel() > 2**20:
+            pruned = pruned[:: pruned.numel() // 2**20 + 1]
+        samples.append(pruned.float())
+    return float(torch.cat(samples).median()) if samples else 0.0
 
 
 # -------------------------------------------------------------------------------------------------- masks
@@ -258,11 +288,11 @@ def _init_masks(net: nn.Module, cfg: Recipe, stream: torch.Tensor, seq_len: int,
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW weight decay on >=2-D parameters only (AST.md §5); norms and biases get none."""
+    """AdamW weight decay on >=2-D parameters only (AST.md §5); norms, biases and CAST's weight scales get none."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not name.endswith(WEIGHT_SCALE) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
@@ -330,12 +360,14 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Retrain ``model`` with AST into the run directory ``out``.
 
     ``recipe``: a shipped recipe name or a YAML path (default ``ast-naive``); ``overrides``: dotted recipe fields
     (``{"train.tokens": 1_000_000, "init.source": "wanda"}``), as the CLI flags give them. ``resume`` continues from
-    the newest valid checkpoint in ``out`` with the run's saved recipe.
+    the newest valid checkpoint in ``out`` with the run's saved recipe. ``on_step(step)`` is called after every
+    optimizer step (e.g. ``torch.profiler.profile.step``); the loop's phases are labelled for the profiler.
     """
     started = time.perf_counter()
     rank, world = dist_info()
@@ -350,10 +382,11 @@ def train(
 
     # ---- where things run
     device = resolve_device(cfg.train.device)
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, precision_reason = resolve_precision(cfg.train.precision, device)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    say(f"precision {precision} ({precision_reason})")
     _seed_everything(cfg.train.seed + rank)
 
     # ---- text first (fail fast on a bad DATA), then models
@@ -366,9 +399,11 @@ def train(
         )
     if cfg.train.tokens is None:
         raise UserError("give the training budget with --tokens N (or train.tokens in the recipe)")
-    train_src = data_mod.load_text(cfg.data.train, "train", cfg.data.text_field)
+    from semisparse.shards import open_training_data  # text, token shards or a weighted mixture (docs/data.md)
+
+    train_data = open_training_data(cfg.data, cfg.init)
     want_eval = cfg.eval.every > 0 or cfg.eval.at_start or cfg.eval.at_end
-    eval_spec = cfg.data.eval or cfg.data.train
+    eval_spec = cfg.data.eval or train_data.eval_spec
     eval_src = data_mod.load_text(eval_spec, "eval", cfg.data.text_field) if want_eval else None
     if eval_src is not None and cfg.data.eval is None and eval_src.split == "file":
         say(f"note: evaluating on the training file {eval_spec} itself (set data.eval / --eval-data for held-out text)")
@@ -394,7 +429,8 @@ def train(
     seq_len = data_mod.effective_seqlen(net, cfg.train.seq_len)
     if seq_len != cfg.train.seq_len:
         say(f"note: train.seq_len {cfg.train.seq_len} capped at the model's context {seq_len}")
-    stream = data_mod.token_stream(tokenizer, train_src.docs)
+    train_data.prepare(tokenizer, student_src)  # shards: same tokenizer? text: tokenized here
+    stream = train_data.calibration_stream(cfg.init.calib_samples * (cfg.init.calib_seqlen or seq_len))
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * seq_len * world
     total_steps = cfg.train.tokens // tokens_per_step
     if total_steps < 1:
@@ -422,8 +458,8 @@ def train(
             raise UserError(f"teacher {teacher_spec!r} has a different vocabulary than the student")
         teacher.eval().requires_grad_(False)
         teacher.config.use_cache = False
-        if precision == "bf16" and device.type == "cuda":
-            teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed
+        if precision == "bf16":
+            teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and half the bytes to read
 
     # Initial masks M0: from the checkpoint (resume), the init run directory, or a one-shot pruner.
     if resume_from is not None:
@@ -436,12 +472,13 @@ def train(
             )
         masks0 = load_masks(init_dir)
     else:
-        masks0 = _init_masks(net, cfg, stream, seq_len, device, progress and is_main, tokenizer, train_src.docs)
+        masks0 = _init_masks(net, cfg, stream, seq_len, device, progress and is_main, tokenizer, train_data.docs)
     masks0 = {k: v.to(torch.bool).cpu() for k, v in masks0.items()}
     try:
         layers = sparsify(
             net, masks0, cfg.pattern, _exact_filter(masks0),
             slorb_k=cfg.slorb.k if cfg.slorb.enabled else None, train_x=cfg.slorb.train_x,
+            weight_scale_n=cfg.scale.blocks if cfg.scale.enabled else None, dense_forward=cfg.mask.forward == "dense",
         )
     except (ValueError, TypeError) as exc:
         raise UserError(f"cannot make the model sparse: {exc}") from exc
@@ -472,12 +509,27 @@ def train(
     masked = param_masks(net)
     if cfg.decay.variant == "adamw_decoupled":
         optimizer: torch.optim.Optimizer = MaskedAdamW(groups, masks=masked, **opt_kw)
+    elif cfg.decay.variant == "adams":
+        try:
+            optimizer = AdamS(groups, masks=masked, srste_lambda=cfg.decay.lambda_max, **opt_kw)
+        except TypeError as exc:
+            raise UserError(f"decay.variant adams: {exc}") from exc
     else:
         optimizer = torch.optim.AdamW(groups, **opt_kw)
     warmup_steps = resolve_steps(cfg.optim.warmup, total_steps)
     ramp_steps = resolve_steps(cfg.decay.ramp, total_steps)
+    decay_reach = None
+    if cfg.decay.variant == "adams" and cfg.mask.forward == "dense":
+        reach = adams_reach(total_steps, cfg.optim.lr, warmup_steps, cfg.optim.min_lr_ratio, ramp_steps)
+        typical = median_pruned_magnitude(layers)
+        decay_reach = {"reach": reach, "median_pruned_abs": typical, "headroom": reach / typical if typical else None}
+        say(f"AdamS can move a pruned weight about Σ lr·α = {reach:.3g} over the run; the median pruned |w| is "
+            f"{typical:.3g} now" + (f" (headroom {reach / typical:.2f}x)" if typical else ""))
+        if typical and reach < typical:
+            say("warning: most pruned weights cannot reach zero before the final hard prune, which then cuts them "
+                "as a one-shot prune would: raise optim.lr or train.tokens (docs/cast.md)")
 
-    batches = TokenBatches(stream, seq_len, cfg.train.batch_size, cfg.train.seed, rank, world)
+    batches = train_data.batches(seq_len, cfg.train.batch_size, cfg.train.seed, rank, world)
     start_step, tokens_seen, state_extra = 0, 0, {}
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, net, optimizer)
@@ -502,10 +554,15 @@ def train(
             rundir.atomic_write_json(run_dir / RUN_FILE, run_record, indent=1)
     log = MetricsLog(run_dir, is_main, cfg.log.tensorboard)
     student_head, teacher_head = lm_head(net), (lm_head(teacher) if teacher is not None else None)
+    vocab = student_head.weight.shape[0]
+    recompute_logits = cfg.distill.recompute == "always" or (
+        cfg.distill.recompute == "auto" and not logits_fit(cfg.train.batch_size * seq_len, vocab))
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def evaluate_now() -> float:
-        with _autocast(device, precision):
+        # float32 whatever the training precision: the numbers compare with `semisparse eval` and the pruned init;
+        # through the masks also with a dense forward (CAST): the model a hard prune now would give
+        with masked_forward(layers):
             res = perplexity(net, eval_tokens, eval_seqlen, data=eval_src.name, split=eval_src.split,
                              device=device, progress=False)
         return res.ppl
@@ -532,6 +589,16 @@ def train(
             f"training stopped: the {what} became {value} at step {step} ({where}; lower optim.lr or check the data)"
         )
 
+    def refresh_masks(step: int, when: str) -> None:
+        with record_function("semisparse.mask_recompute"):
+            record = {"step": step, **recompute_masks(layers, masks0)}
+        if cfg.mask.timing == "before":
+            record["when"] = when
+        if cfg.mask.forward == "dense":
+            # what a hard prune with this mask would cut (CAST.md §2: it must reach ≈ 0 by the end)
+            record["pruned_abs_max"] = max(layer.pruned_abs_max() for layer in layers.values())
+        log.write(record)
+
     bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", disable=not (progress and is_main),
                dynamic_ncols=True)
     try:
@@ -543,11 +610,19 @@ def train(
             t0 = time.perf_counter()
             # 1. schedules
             lr = lr_at(step, total_steps, cfg.optim.lr, warmup_steps, cfg.optim.min_lr_ratio)
-            lam = decay_lambda(step, cfg.decay.lambda_max, ramp_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.decay.variant == "adamw_decoupled":
+            mix = None
+            if cfg.decay.variant == "adams":  # λ constant, the mixing weight α ramps (CAST.md §2)
+                lam, mix = cfg.decay.lambda_max, decay_lambda(step, 1.0, ramp_steps)
+                set_adams_alpha(optimizer, mix)
+            else:
+                lam = decay_lambda(step, cfg.decay.lambda_max, ramp_steps)
+            if cfg.decay.variant in ("adamw_decoupled", "adams"):
                 set_srste_lambda(optimizer, lam)
+            # masks, CAST's timing: before the forward of step t when t % Δt == 0
+            if cfg.mask.update and cfg.mask.timing == "before" and step % cfg.mask.every == 0:
+                refresh_masks(step, "before")
 
             # 2. forward/backward over the micro-batches
             optimizer.zero_grad(set_to_none=True)
@@ -559,40 +634,46 @@ def train(
                     teacher_hidden = None
                     if teacher is not None:
                         t1 = time.perf_counter()
-                        with torch.no_grad():
+                        with torch.no_grad(), record_function("semisparse.teacher_forward"):
                             teacher_hidden = final_hidden_states(teacher, inputs)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         teacher_s += time.perf_counter() - t1
-                    out = distill_loss(
-                        final_hidden_states(net, inputs), targets, student_head, teacher_hidden, teacher_head,
-                        alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
-                        chunk_size=cfg.distill.chunk_size,
-                    )
+                    with record_function("semisparse.student_forward"):
+                        student_hidden = final_hidden_states(net, inputs)
+                    with record_function("semisparse.loss"):
+                        out = distill_loss(
+                            student_hidden, targets, student_head, teacher_hidden, teacher_head,
+                            alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
+                            chunk_size=cfg.distill.chunk_size, recompute=recompute_logits,
+                        )
                 if not math.isfinite(out.total):
                     raise stop("loss", out.total, step)
-                (out.loss / cfg.train.grad_accum).backward()
+                with record_function("semisparse.backward"):
+                    (out.loss / cfg.train.grad_accum).backward()
                 sums["loss"] += out.total / cfg.train.grad_accum
                 sums["ce"] += out.ce / cfg.train.grad_accum
                 sums["kl"] += (out.kl or 0.0) / cfg.train.grad_accum
 
             # 3. clip, masked decay, step
-            if cfg.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+            with record_function("semisparse.grad_clip"):
+                if cfg.optim.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(
+                        torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
             if not math.isfinite(grad_norm):
                 raise stop("gradient norm", grad_norm, step)
-            if cfg.decay.variant == "grad":
-                add_masked_decay_to_grad(masked, lam)  # after clipping: the decay is not clipped
-            optimizer.step()
+            with record_function("semisparse.optimizer"):
+                if cfg.decay.variant == "grad":
+                    add_masked_decay_to_grad(masked, lam)  # after clipping: the decay is not clipped
+                optimizer.step()
             tokens_seen += tokens_per_step
 
-            # 4. masks: after step t when t % Δt == 0, and once more at the end
-            mask_record = None
-            if cfg.mask.update and (step % cfg.mask.every == 0 or step == total_steps - 1):
-                mask_record = {"step": step, **recompute_masks(layers, masks0)}
+            # 4. masks: after step t when t % Δt == 0 (AST's timing), and once more at the end (either timing)
+            after = cfg.mask.timing == "after" and step % cfg.mask.every == 0
+            if cfg.mask.update and (after or step == total_steps - 1):
+                refresh_masks(step, "after")
 
             # 5. log, evaluate, checkpoint
             step_s = time.perf_counter() - t0
@@ -601,13 +682,10 @@ def train(
                 log.write({
                     "step": step, "tokens": tokens_seen, "loss": sums["loss"], "ce": sums["ce"],
                     "kl": sums["kl"] if teacher is not None else None, "lr": lr, "lambda": lam,
+                    **({"decay_mix": mix} if mix is not None else {}),
                     "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "teacher_s": teacher_s,
                     "step_s": step_s,
                 })
-            if mask_record is not None:
-                log.write({"step": step, "flip_rate": mask_record["flip_rate"],
-                           "init_flip_rate": mask_record["init_flip_rate"], "flips": mask_record["flips"],
-                           "init_flips": mask_record["init_flips"]})
             done = step + 1
             if eval_tokens is not None and (
                 (cfg.eval.every and done % cfg.eval.every == 0) or (cfg.eval.at_end and done == total_steps)
@@ -620,6 +698,8 @@ def train(
                 save(done)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tokens_per_step / step_s:,.0f}", refresh=False)
             bar.update(1)
+            if on_step is not None:
+                on_step(step)
     finally:
         bar.close()
         log.close()
@@ -631,7 +711,8 @@ def train(
         (getattr(net, "activation_checkpointing_disable", None) or net.gradient_checkpointing_disable)()
     net.config.use_cache = use_cache
     net.eval()
-    masks, slorb = densify(net)
+    pruned_abs_max = max(layer.pruned_abs_max() for layer in layers.values())  # cut by the final hard prune
+    masks, slorb = densify(net)  # W ⊙ M with any weight scale folded in: an ordinary N:M model
     kept = sum(int(m.sum()) for m in masks.values())
     total_sparse = sum(m.numel() for m in masks.values())
     elapsed = time.perf_counter() - started
@@ -649,16 +730,20 @@ def train(
         "layers_pruned": list(masks),
         "sparse_weights": {"kept": kept, "total": total_sparse, "density": kept / total_sparse},
         "slorb": slorb_info,
-        "data": {**train_src.describe(), "stream_tokens": int(stream.numel()), "sequences": batches.n_sequences,
-                 "epochs": batches.position / batches.n_sequences},
+        "data": train_data.describe(batches),
         "eval_data": eval_src.describe() if eval_src is not None else None,
         "steps": total_steps,
         "tokens": tokens_seen,
         "seq_len": seq_len,
         "tokens_per_step": tokens_per_step,
+        "precision": {"used": precision, "reason": precision_reason},
+        "recompute_logits": recompute_logits,
+        "forward": cfg.mask.forward,
+        "adams_reach": decay_reach,
+        "weight_scale": {"blocks": cfg.scale.blocks, "folded": True} if cfg.scale.enabled else None,
         "world_size": world,
         "final": {"loss": last["loss"], "ce": last["ce"], "kl": last["kl"], "eval_ppl": last["eval_ppl"],
-                  "initial_eval_ppl": last["initial_eval_ppl"],
+                  "initial_eval_ppl": last["initial_eval_ppl"], "pruned_abs_max": pruned_abs_max,
                   "eval_protocol": {"windows": cfg.eval.windows, "seqlen": eval_seqlen} if eval_src else None},
         "seed": cfg.train.seed,
         "resumed_from": str(resume_from) if resume_from else None,
