@@ -327,6 +327,8 @@ def export(
     tensors; ``quant`` none | int8 (per output channel) | int4 (groups of ``group_size`` along the compacted input,
     default the largest of 128, 64, 32 that divides it), symmetric round-to-nearest. ``merge_slorb`` (hf only) folds
     a SLoRB branch into dense weights (no longer N:M). Returns the manifest (docs/export.md), plus ``out``.
+    ``format`` gguf: one llama.cpp file ``out`` (FILE.gguf, llama models), ``quant`` none (floats in ``dtype``),
+    q8_0 or q4_0; ``merge_slorb`` as for hf.
     """
     from semisparse.export.writer import export_run
 

@@ -246,11 +246,13 @@ def export(
     out: Path = typer.Option(..., help="Folder to write (one atomic write; see docs/export.md)."),
     format: str = typer.Option(  # noqa: A002
         "packed", help="packed: kept values + 2-bit positions per 2:4 layer, loaded by semisparse.load (and "
-        "semisparse eval); hf: a stock transformers folder, zeros stored densely."),
+        "semisparse eval); hf: a stock transformers folder, zeros stored densely; gguf: one llama.cpp file, "
+        "--out FILE.gguf (llama models)."),
     dtype: str = typer.Option("fp16", help="Floating tensors as fp16, bf16 or fp32."),
     quant: str = typer.Option(
         "none", help="Weight-only round-to-nearest of the kept values (packed only): none, int8 (one scale per "
-        "output channel) or int4 (one scale per --group-size values). GPTQ is not implemented yet."),
+        "output channel) or int4 (one scale per --group-size values). GPTQ is not implemented yet. gguf: none "
+        "(--dtype floats), q8_0 or q4_0 (GGUF's own blocks of 32)."),
     group_size: Optional[int] = typer.Option(
         None, help="int4 group along the compacted input (default: the largest of 128, 64, 32 dividing it)."),
     merge_slorb: bool = typer.Option(
@@ -273,7 +275,8 @@ def export(
         sp = sizes["sparse_layers"]
         detail = (f", {sp['count']} {m['pattern']} layers at {8 * sp['bytes'] / sp['weights']:.3f} bits per weight "
                   f"({100 * sp['bytes'] / (2 * sp['weights']):.2f} % of dense fp16)")
-    console.print(f"exported {what}{detail}: {files:,} bytes in {len(m['files']) + 1} files -> {out}")
+    count = len(m["files"]) + (format != "gguf")  # a folder also holds its export.json manifest; a .gguf is one file
+    console.print(f"exported {what}{detail}: {files:,} bytes in {count} file{'s' * (count > 1)} -> {out}")
     if m.get("slorb") and m["slorb"]["merged"]:
         console.print(f"note: SLoRB merged into the dense weights of {m['slorb']['layers']} layers: the exported "
                       f"model is no longer {m['pattern']} sparse")

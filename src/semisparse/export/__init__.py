@@ -7,9 +7,11 @@
     source.py   read and check the run directory being exported
     packed.py   the packed tensors and per-layer records of a model
     hf.py       the stock transformers folder (optionally with SLoRB merged into the dense weights)
+    gguf_writer.py  --format gguf: one llama.cpp file (llama models; Q8_0/Q4_0 through the gguf package)
     format.py   the manifest: write, read, verify (format version, sha256 of every file)
     writer.py   export_run(): checks, then one atomic folder write
     load.py     rebuild the transformers model from an exported folder
+    cpu_backend.py  backend="cpu": an int8/int4 export's layers through torch's weight-only CPU kernels
 
 Modules are imported on use: ``import semisparse.export.options`` stays light.
 """

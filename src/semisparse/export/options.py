@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from semisparse.errors import UserError
 
-FORMATS = ("packed", "hf")
+FORMATS = ("packed", "hf")  # folder formats: what the pipeline's export stage writes (OUT/export)
+FILE_FORMATS = ("gguf",)  # one file, --out FILE.gguf (llama.cpp); not a pipeline stage
 DTYPES = ("fp16", "bf16", "fp32")
 QUANTS = ("none", "int8", "int4")
+#: --format gguf: GGUF's own block formats (--quant none: floats in --dtype).
+GGUF_QUANTS = ("q8_0", "q4_0")
 #: --group-size default: the largest of these that divides a layer's compacted width (in * N / M).
 GROUP_SIZES = (128, 64, 32)
 
@@ -18,19 +21,24 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 def check_options(format: str, dtype: str, quant: str, group_size: int | None, merge_slorb: bool) -> None:  # noqa: A002
     """One-line UserError for a choice that does not exist or a combination that means nothing."""
-    _choice("--format", format, FORMATS)
+    _choice("--format", format, FORMATS + FILE_FORMATS)
     _choice("--dtype", dtype, DTYPES)
-    _choice("--quant", quant, QUANTS)
-    if quant != "none" and format != "packed":
+    _choice("--quant", quant, QUANTS + GGUF_QUANTS)
+    if format == "gguf" and quant not in ("none", *GGUF_QUANTS):
+        raise UserError(f"--format gguf takes --quant none, {', '.join(GGUF_QUANTS)} (GGUF's own block formats), "
+                        f"not {quant}")
+    if format != "gguf" and quant in GGUF_QUANTS:
+        raise UserError(f"--quant {quant} is a GGUF block format: it needs --format gguf")
+    if quant != "none" and format == "hf":
         raise UserError(f"--quant {quant} needs --format packed (the hf format stores dense weights)")
     if group_size is not None:
         if quant != "int4":
             raise UserError("--group-size applies to --quant int4 only (int8 uses one scale per output channel)")
         if group_size <= 0:
             raise UserError(f"--group-size must be positive (got {group_size})")
-    if merge_slorb and format != "hf":
-        raise UserError("--merge-slorb needs --format hf: the packed format keeps the SLoRB branch as its own "
-                        "tensors (merging it would break N:M)")
+    if merge_slorb and format not in ("hf", "gguf"):
+        raise UserError("--merge-slorb needs --format hf or gguf: the packed format keeps the SLoRB branch as its "
+                        "own tensors (merging it would break N:M)")
 
 
 #: ``semisparse.load(backend=...)`` / ``--backend``: none = the de-quantized float path; cpu = torch's weight-only

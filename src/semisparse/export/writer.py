@@ -1,4 +1,5 @@
-"""``export_run``: a run directory -> an exported folder, checked first, then written in one atomic folder write."""
+"""``export_run``: a run directory -> an exported folder, checked first, then written in one atomic folder write
+(--format gguf: one file, export/gguf_writer.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def _quantization(quant: str, group_size: int | None) -> dict:
             "axis": "output channel" if quant == "int8" else "compacted input"}
 
 
+def refuse_unmerged_slorb(run_dir: Path, holder: str) -> None:
+    """The one-line refusal of a SLoRB run for a format whose model (``holder``) cannot hold the branch."""
+    raise UserError(f"{run_dir} has a SLoRB branch ({rundir.SLORB_FILE}), which {holder} "
+                    "cannot hold: pass --merge-slorb to fold it into dense weights (no longer N:M), "
+                    "or use --format packed, which keeps it")
+
+
 def export_run(run_dir: str | Path, out: str | Path, format: str = "packed", dtype: str = "fp16",  # noqa: A002
                quant: str = "none", group_size: int | None = None, merge_slorb: bool = False,
                overwrite: bool = False) -> dict:
@@ -47,12 +55,14 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "packed", dty
     run_dir, out = Path(run_dir), Path(out)
     check_options(format, dtype, quant, group_size, merge_slorb)
     check_run_dir(run_dir)
+    if format == "gguf":  # one file, not a folder: its own output checks and writer
+        from semisparse.export.gguf_writer import export_gguf
+
+        return export_gguf(run_dir, out, dtype, quant, merge_slorb, overwrite)
     _check_out(run_dir, out, overwrite)
     has_slorb = (run_dir / rundir.SLORB_FILE).is_file()
     if format == "hf" and has_slorb and not merge_slorb:
-        raise UserError(f"{run_dir} has a SLoRB branch ({rundir.SLORB_FILE}), which a stock transformers model "
-                        "cannot hold: pass --merge-slorb to fold it into dense weights (no longer N:M), "
-                        "or use --format packed, which keeps it")
+        refuse_unmerged_slorb(run_dir, "a stock transformers model")
     if quant == "int4":  # group sizes from the masks' shapes: a bad one fails before the model loads
         from semisparse.export.pack import compact_width
         from semisparse.export.quant import layer_group_size
