@@ -98,8 +98,8 @@ def main() -> None:
         key = f"{name}|{spec}|{created}|{args.wiki}|2048|{args.ppl_windows}"
         if key not in cache:
             print(f"[ast_quality] perplexity of {name} ...", file=sys.stderr, flush=True)
-            rec = api.evaluate(spec, ppl=[args.wiki], seqlen=2048, max_windows=args.ppl_windows,
-                               json_out=work / f"eval-{name}.json", progress=False)
+            rec = api.evaluate(spec, ppl=[args.wiki], ppl_seqlen=2048, ppl_max_windows=args.ppl_windows,
+                               out=work / f"eval-{name}.json", progress=False)
             cache[key] = rec["perplexity"][args.wiki]
             cache_path.write_text(json.dumps(cache, indent=1) + "\n")
         return cache[key]

@@ -109,6 +109,34 @@ def profile_ast(args, precision: str, folder: Path) -> dict:
     return {"precision": precision, "steps": active, "phase_s": phases, "top_ops": top}
 
 
+def summarize(times: dict, args) -> dict:
+    """Median step time and tokens/s per variant, and the two ratios, for every precision measured so far."""
+    tokens_per_step = args.batch_size * args.seq_len
+    results = {}
+    for precision, by_variant in times.items():
+        if not all(by_variant.values()):
+            continue
+        row = {}
+        for variant, ts in by_variant.items():
+            med = statistics.median(ts)
+            row[variant] = {"n": len(ts), "median_step_s": med, "tokens_per_s": tokens_per_step / med, "step_s": ts}
+        row["ast_vs_plain"] = row["ast"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+        row["ast_vs_fixed_step_time"] = row["ast"]["median_step_s"] / row["fixed-mask"]["median_step_s"]
+        results[precision] = row
+    return results
+
+
+def write_results(args, info: dict, settings: dict, results: dict, profiles: list) -> None:
+    from semisparse.models import package_versions
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": info, "versions": package_versions(), "settings": settings, "results": results,
+              "profiles": profiles}
+    tmp_out = args.out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(record, indent=1) + "\n")
+    tmp_out.replace(args.out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -126,7 +154,6 @@ def main() -> None:
     args = p.parse_args()
 
     from semisparse.devices import native_bf16_cpu
-    from semisparse.models import package_versions
 
     info = machine.describe()
     print(f"[train_speed] machine: {machine.line(info)}", flush=True)
@@ -136,6 +163,9 @@ def main() -> None:
     steps = args.warmup + per_round + 1
     times: dict[str, dict[str, list[float]]] = {pr: {"plain": [], "fixed-mask": [], "ast": []} for pr in precisions}
     profiles = []
+    settings = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "init": args.init,
+                "data": Path(args.data).name, "warmup": args.warmup, "rounds": args.rounds,
+                "timed_steps_per_variant": per_round * args.rounds}
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         for precision in precisions:
             for rnd in range(args.rounds):
@@ -148,21 +178,9 @@ def main() -> None:
             if args.profile:
                 print(f"[train_speed] {precision}: profiling ast", flush=True)
                 profiles.append(profile_ast(args, precision, Path(tmp)))
+            write_results(args, info, settings, summarize(times, args), profiles)  # kept if a later part fails
 
-    tokens_per_step = args.batch_size * args.seq_len
-    results = {}
-    for precision, by_variant in times.items():
-        row = {}
-        for variant, ts in by_variant.items():
-            med = statistics.median(ts)
-            row[variant] = {"n": len(ts), "median_step_s": med, "tokens_per_s": tokens_per_step / med, "step_s": ts}
-        row["ast_vs_plain"] = row["ast"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
-        row["ast_vs_fixed_step_time"] = row["ast"]["median_step_s"] / row["fixed-mask"]["median_step_s"]
-        results[precision] = row
-
-    settings = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "init": args.init,
-                "data": Path(args.data).name, "warmup": args.warmup, "rounds": args.rounds,
-                "timed_steps_per_variant": per_round * args.rounds}
+    results = summarize(times, args)
     print(f"\nmachine: {machine.line(info)}\nsettings: {json.dumps(settings)}\n")
     print("| precision | plain tok/s | fixed-mask tok/s | AST tok/s | AST / plain (goal ≥ 0.7) | "
           "AST / fixed step time (goal ≤ 1.05) |")
@@ -171,7 +189,8 @@ def main() -> None:
         print(f"| {precision} | {row['plain']['tokens_per_s']:.0f} | {row['fixed-mask']['tokens_per_s']:.0f} | "
               f"{row['ast']['tokens_per_s']:.0f} | {row['ast_vs_plain']:.2f} | {row['ast_vs_fixed_step_time']:.3f} |")
     if len(results) == 2 and "fp32" in results and "bf16" in results:
-        print(f"\nAST bf16 / fp32 tokens/s: {results['bf16']['ast']['tokens_per_s'] / results['fp32']['ast']['tokens_per_s']:.2f}")
+        ratio = results["bf16"]["ast"]["tokens_per_s"] / results["fp32"]["ast"]["tokens_per_s"]
+        print(f"\nAST bf16 / fp32 tokens/s: {ratio:.2f}")
     for prof in profiles:
         total = sum(v for k, v in prof["phase_s"].items())
         print(f"\nAST {prof['precision']} profile, {prof['steps']} steps: phases (s, share of labelled time)")
@@ -180,13 +199,7 @@ def main() -> None:
         print("  top operators by self CPU time:")
         for op in prof["top_ops"]:
             print(f"  {op['op'][:48]:48s} {op['self_s']:8.2f} s {100 * op['share']:5.1f}%  ({op['calls']} calls)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"machine": info, "versions": package_versions(), "settings": settings, "results": results,
-              "profiles": profiles}
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(record, indent=1) + "\n")
-    tmp_out.replace(args.out)
-    print(f"\nresults: {args.out}")
+    write_results(args, info, settings, results, profiles)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def main() -> None:
     for name in ("dense", "sparsegpt", "magnitude"):
         start = time.perf_counter()
         ppl = [str(SHARED / "wikitext2" / "wiki.valid.raw")] if args.ppl_windows else None
-        record = api.evaluate(str(args.runs / name), ppl=ppl, max_windows=args.ppl_windows or None, tasks=TASKS,
+        record = api.evaluate(str(args.runs / name), ppl=ppl, ppl_max_windows=args.ppl_windows or None,
+                              tasks=TASKS,
                               task_data=str(SHARED), limit=args.limit, batch_size=args.batch_size, progress=False)
         rows[name] = (record["zeroshot"], time.perf_counter() - start)
 

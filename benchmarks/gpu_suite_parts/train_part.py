@@ -36,9 +36,10 @@ VARIANTS = (
     ("dense_kd", None),  # the script's loop over the trainer's components
     ("fixed_mask_kd", "fixed-mask-kd"),
     ("ast", "ast-naive"),
+    ("cast", "cast"),
 )
 # expected step time of a variant relative to the one measured before it (sizing only; the guard is the backstop)
-STEP_FACTOR = {"fixed_mask_kd": 1.25, "ast": 1.1}
+STEP_FACTOR = {"fixed_mask_kd": 1.25, "ast": 1.1, "cast": 1.05}
 
 DENSE_NOTE = (
     "semisparse.train.trainer.train cannot train a dense student: it always sparsifies the selected layers "
@@ -350,4 +351,5 @@ def ratios(variants: dict) -> dict:
                     "(AST's mask recomputes included), median = the typical step",
             "ast_over_dense_kd": pair("ast", "dense_kd"),
             "fixed_mask_kd_over_dense_kd": pair("fixed_mask_kd", "dense_kd"),
-            "ast_over_fixed_mask_kd": pair("ast", "fixed_mask_kd")}
+            "ast_over_fixed_mask_kd": pair("ast", "fixed_mask_kd"),
+            "cast_over_fixed_mask_kd": pair("cast", "fixed_mask_kd")}

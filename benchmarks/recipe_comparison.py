@@ -1,0 +1,270 @@
+"""Which retraining recipe recovers the most per token: fixed mask vs AST vs CAST on SmolLM2-135M, 2:4 (issue 18).
+
+Rows share everything but the recipe (and its stated, budget-scaled settings, ROW_SETTINGS): the model, the data
+mixture, the token budget, seq_len x batch, the seed set and the evaluation. Two blocks:
+  sparsegpt  every row starts from one SparseGPT run directory (128 x 512 C4 calibration, seed 0; pruned weights at
+             its zeros), two seeds per trained row, naive-ce once;
+  magnitude  the papers' setting: each run prunes by |W| in memory and the pruned weights keep their dense values.
+
+Stages, each resumable and safe to stop at any moment (train checkpoints every --ckpt-every steps and continues with
+the trainer's own --resume; each evaluation is written atomically beside its run):
+  train     train (or resume) the selected rows;
+  eval      WikiText-2 validation perplexity (first 32 windows of 2048, the one-shot table's protocol), C4 validation
+            perplexity (first 32 windows of 2048), and with --zeroshot the zero-shot mean at --limit 150;
+  report    one JSON (benchmarks/results/recipe_comparison.json), a markdown table and the loss / flip-rate figure.
+
+Quality runs may share the machine: start two processes with --threads 1 and disjoint --rows.
+
+    .venv/bin/python benchmarks/recipe_comparison.py --stage train --rows ast-s1,fixed-s1 --threads 1
+    .venv/bin/python benchmarks/recipe_comparison.py --stage eval
+    .venv/bin/python benchmarks/recipe_comparison.py --stage report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
+WIKI = DATA / "wikitext2" / "wiki.valid.raw"
+C4 = DATA / "c4" / "c4_train_shard0_first1000.jsonl"
+C4_VAL = DATA / "c4" / "c4_validation_2k.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
+ZEROSHOT_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa",
+                  "lambada_openai", "copa"]
+
+# Settings every row shares (scaled to a CPU budget: 4 x 256 tokens a step, ~490 steps for 500k tokens).
+COMMON = {
+    "train.seq_len": 256, "train.batch_size": 4, "train.grad_accum": 1,
+    "data.eval": str(C4_VAL), "eval.windows": 4, "eval.every": 50, "log.tensorboard": False,
+}
+MIXTURE = [{"path": str(C4), "weight": 0.5}, {"path": "default", "weight": 0.5}]
+
+# Per-recipe settings for this budget, and why (short runs first: see BENCHMARKS.md, "Recipe comparison").
+ROW_SETTINGS = {
+    "fixed-mask-kd": {"optim.lr": 1e-4},
+    "naive-ce": {"optim.lr": 1e-4},
+    "ast-naive": {"optim.lr": 1e-4},
+    "cast": {"optim.lr": 2e-4, "decay.lambda_max": 1e-4},
+}
+
+ROWS = {}
+for seed in (1, 2):
+    for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive"), ("cast", "cast")):
+        ROWS[f"{short}-s{seed}"] = {"recipe": recipe, "init": "sparsegpt", "seed": seed}
+ROWS["naive-ce-s1"] = {"recipe": "naive-ce", "init": "sparsegpt", "seed": 1}
+for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive"), ("cast", "cast")):
+    ROWS[f"mag-{short}-s1"] = {"recipe": recipe, "init": "magnitude", "seed": 1}
+
+
+def atomic_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_state(run_dir: Path) -> str:
+    """done | resume | fresh"""
+    from semisparse.rundir import RUN_META
+    from semisparse.train import checkpoint as ckpt
+
+    if (run_dir / RUN_META).is_file():
+        return "done"
+    if (run_dir / "run.json").is_file() and ckpt.latest_checkpoint(run_dir / ckpt.DIR_NAME) is not None:
+        return "resume"
+    return "fresh"
+
+
+def sparsegpt_init(args) -> Path:
+    from semisparse import api
+
+    init_dir = args.workdir / "sparsegpt"
+    if not (init_dir / "semisparse.json").is_file():
+        print(f"[compare] pruning {args.model} with SparseGPT -> {init_dir}", flush=True)
+        api.prune(model=args.model, method="sparsegpt", pattern="2:4", calib=str(C4), out=init_dir, nsamples=128,
+                  seqlen=512, seed=0, overwrite=True, progress=False)
+    return init_dir
+
+
+def row_overrides(args, row: dict) -> dict:
+    init = str(sparsegpt_init(args).resolve()) if row["init"] == "sparsegpt" else "magnitude"
+    return {**COMMON, "init.source": init, "init.pruned_weights": "dense", "train.tokens": args.tokens,
+            "train.seed": row["seed"], "data.sources": MIXTURE, "checkpoint.every": args.ckpt_every,
+            **ROW_SETTINGS[row["recipe"]]}
+
+
+def train_rows(args, names: list[str]) -> None:
+    from semisparse.train.trainer import train
+
+    for name in names:
+        row, run_dir = ROWS[name], args.workdir / name
+        state = run_state(run_dir)
+        if state == "done":
+            print(f"[compare] {name}: trained", flush=True)
+            continue
+        print(f"[compare] {name}: training ({state}) -> {run_dir}", flush=True)
+        overrides = None if state == "resume" else row_overrides(args, row)
+        train(args.model, run_dir, recipe=None if state == "resume" else row["recipe"], overrides=overrides,
+              resume=state == "resume", overwrite=state == "fresh", progress=True)
+
+
+def evaluate(args, name: str, spec: str, out: Path) -> dict:
+    """WikiText-2 and C4 validation perplexity (and zero-shot) of one model, cached in ``out``."""
+    from semisparse import api
+
+    meta = Path(spec) / "semisparse.json"
+    created = json.loads(meta.read_text()).get("created") if meta.is_file() else "dense"
+    key = {"created": created, "wiki_windows": 32, "c4_windows": 32,
+           "zeroshot_limit": args.limit if args.zeroshot else None}
+    if out.is_file():
+        cached = json.loads(out.read_text())
+        if cached.get("key") == key:
+            return cached
+    print(f"[compare] evaluating {name}", flush=True)
+    start = time.perf_counter()
+    raw = out.with_name(out.stem + "-raw.json")
+    rec = api.evaluate(spec, ppl=[str(WIKI), str(C4_VAL)], ppl_seqlen=2048, ppl_max_windows=32, progress=False,
+                       out=raw)
+    result = {"key": key, "wiki_ppl": rec["perplexity"][str(WIKI)]["ppl"],
+              "c4_ppl": rec["perplexity"][str(C4_VAL)]["ppl"], "eval_seconds": None}
+    if args.zeroshot:
+        zs = api.evaluate(spec, tasks=ZEROSHOT_TASKS, task_data=str(DATA), limit=args.limit, progress=False,
+                          out=raw)
+        result["zeroshot_mean"] = zs["zeroshot"]["mean_acc"]
+        result["zeroshot_tasks"] = zs["zeroshot"]["mean_acc_over"]
+    result["eval_seconds"] = round(time.perf_counter() - start, 1)
+    atomic_json(out, result)
+    return result
+
+
+def eval_rows(args, names: list[str]) -> None:
+    evaluate(args, "dense", args.model, args.workdir / "dense-eval.json")
+    evaluate(args, "sparsegpt", str(sparsegpt_init(args)), args.workdir / "sparsegpt-eval.json")
+    for name in names:
+        run_dir = args.workdir / name
+        if run_state(run_dir) != "done":
+            print(f"[compare] {name}: not trained yet, skipped", flush=True)
+            continue
+        evaluate(args, name, str(run_dir), run_dir / "compare-eval.json")
+
+
+def summarize(args, name: str) -> dict | None:
+    from semisparse.rundir import read_metrics
+
+    run_dir = args.workdir / name
+    out = run_dir / "compare-eval.json"
+    if run_state(run_dir) != "done" or not out.is_file():
+        return None
+    meta = json.loads((run_dir / "semisparse.json").read_text())
+    ev = json.loads(out.read_text())
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in metrics if "step_s" in m]
+    masks = [m for m in metrics if "init_flip_rate" in m]
+    return {
+        "row": name, **ROWS[name], "settings": ROW_SETTINGS[ROWS[name]["recipe"]], "wiki_ppl": ev["wiki_ppl"],
+        "c4_ppl": ev["c4_ppl"], "zeroshot_mean": ev.get("zeroshot_mean"),
+        "final_init_flip_rate": masks[-1]["init_flip_rate"] if masks else 0.0,
+        "pruned_abs_max": meta["final"].get("pruned_abs_max"),
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps else None,
+        "train_seconds": meta.get("train_seconds"), "tokens": meta.get("tokens"), "steps": meta.get("steps"),
+        "data": meta.get("data"), "precision": meta.get("precision"),
+        "loss_curve": [(m["step"], m["loss"]) for m in steps],
+        "flip_curve": [(m["step"], m["init_flip_rate"], m["flip_rate"]) for m in masks],
+        "eval_curve": [(m["tokens"], m["eval_ppl"]) for m in metrics if "eval_ppl" in m],
+    }
+
+
+def report(args) -> None:
+    dense = json.loads((args.workdir / "dense-eval.json").read_text())
+    init = json.loads((args.workdir / "sparsegpt-eval.json").read_text())
+    rows = [r for r in (summarize(args, n) for n in ROWS) if r is not None]
+    for r in rows:
+        if r["init"] == "sparsegpt":
+            r["gap_closed"] = (init["wiki_ppl"] - r["wiki_ppl"]) / (init["wiki_ppl"] - dense["wiki_ppl"])
+    print(f"\nmachine: {machine.line()}")
+    print(f"dense wiki {dense['wiki_ppl']:.2f}, SparseGPT init wiki {init['wiki_ppl']:.2f}\n")
+    print("| row | recipe | init | seed | WikiText-2 ppl | gap closed | C4 ppl | zero-shot | final flip vs init | "
+          "pruned max before prune | tok/s | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gap = f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-"
+        zs = f"{r['zeroshot_mean']:.2f}" if r.get("zeroshot_mean") is not None else "-"
+        pam = f"{r['pruned_abs_max']:.2e}" if r.get("pruned_abs_max") is not None else "-"
+        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        print(f"| {r['row']} | {r['recipe']} | {r['init']} | {r['seed']} | {r['wiki_ppl']:.2f} | {gap} | "
+              f"{r['c4_ppl']:.2f} | {zs} | {r['final_init_flip_rate']:.2e} | {pam} | {tps} | "
+              f"{(r['train_seconds'] or 0) / 60:.0f} min |")
+    plot(rows, RESULTS / "recipe_comparison.png")
+    atomic_json(RESULTS / "recipe_comparison.json", {
+        "machine": machine.describe(), "common": COMMON, "mixture": MIXTURE, "tokens": args.tokens,
+        "row_settings": ROW_SETTINGS, "dense": dense, "sparsegpt_init": init, "rows": rows})
+    print(f"\nresults: {RESULTS / 'recipe_comparison.json'}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for r in rows:
+        axes[0].plot(*zip(*r["loss_curve"]), label=r["row"], lw=0.8)
+        if r["flip_curve"]:
+            steps, init_flips, _ = zip(*r["flip_curve"])
+            axes[1].plot(steps, init_flips, label=r["row"])
+        if r["eval_curve"]:
+            axes[2].plot(*zip(*r["eval_curve"]), label=r["row"], marker=".")
+    axes[0].set(title="training loss (each recipe's own)", xlabel="optimizer step")
+    axes[1].set(title="mask flips vs the initial mask", xlabel="optimizer step", yscale="symlog")
+    axes[1].set_yscale("symlog", linthresh=1e-6)
+    axes[2].set(title="held-out C4 ppl through the masks (4 x 256)", xlabel="training tokens", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=["train", "eval", "report", "all"], default="all")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of: {', '.join(ROWS)}")
+    p.add_argument("--tokens", type=int, default=500_000, help="training tokens per row")
+    p.add_argument("--ckpt-every", type=int, default=25)
+    p.add_argument("--zeroshot", action="store_true", help="also the zero-shot mean (--limit per task)")
+    p.add_argument("--limit", type=int, default=150)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "compare")
+    p.add_argument("--model", default="default")
+    args = p.parse_args()
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"[compare] machine: {machine.line()}", flush=True)
+    if args.stage in ("train", "all"):
+        train_rows(args, names)
+    if args.stage in ("eval", "all"):
+        eval_rows(args, names)
+    if args.stage in ("report", "all"):
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
