@@ -34,6 +34,26 @@ def _check_mask(param: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(param.shape)}")
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2 parameters, their gradients and optimizer state), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_rows(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The part of a full (replicated) mask that lines up with this process's shard of ``param``: FSDP2 shards
+    dim 0 (output rows) and N:M groups run along the input dimension, so a shard's rows carry whole groups."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return mask
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return mask[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def _pruned_part(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """¬M ⊙ W, with the bool mask used as a selector (no arithmetic on the mask at all)."""
     return param.detach().masked_fill(mask, 0)
@@ -107,11 +127,13 @@ class MaskedAdamW(Optimizer):
             mask = self.masks.get(p)
             if mask is not None:
                 _check_mask(p, mask)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+                mask = local_rows(p, mask)
+            grads.append(_local(p.grad))
+            exp_avgs.append(_local(state["exp_avg"]))
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             steps.append(state["step"])
             masks.append(mask)
+        params = [_local(p) for p in params]  # views: in-place updates reach the (sharded) parameters
         torch._foreach_add_(steps, 1.0)
         counts = [s.item() for s in steps]
 

@@ -152,8 +152,22 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def recompute_mask(self) -> torch.Tensor:
-        """Magnitude N:M mask of the current dense weight; stored in place and returned (as a separate tensor)."""
-        new = nm_mask(self.weight.detach().abs(), self.pattern)
+        """Magnitude N:M mask of the current dense weight; stored in place and returned (as a separate tensor).
+
+        A weight sharded by FSDP2 (a DTensor split by output rows): each process computes the mask of its own rows
+        (groups run along the input dimension, so no weight is gathered) and the bool rows are all-gathered into
+        the full mask every process keeps for its forward."""
+        from torch.distributed.tensor import DTensor
+
+        weight = self.weight.detach()
+        if isinstance(weight, DTensor):
+            rows = nm_mask(weight.to_local().abs(), self.pattern)
+            # uint8 on the wire: not every backend (gloo) reduces or gathers bool tensors
+            shard = DTensor.from_local(rows.to(torch.uint8), weight.device_mesh, weight.placements,
+                                       shape=weight.shape, stride=weight.stride())
+            new = shard.full_tensor().to(torch.bool)
+        else:
+            new = nm_mask(weight.abs(), self.pattern)
         self.mask.copy_(new)
         return new
 
