@@ -1,6 +1,7 @@
 """Compact checkpoints on CPU: bytes, load time and perplexity of each export of one 2:4 run directory.
 
-Exports RUN_DIR as hf fp16, packed fp16, packed + int8, packed + int4 (RTN) and measures, for each and for the
+Exports RUN_DIR as hf fp16, packed fp16, packed + int8, packed + int4 (RTN and GPTQ, calibrated on the shipped
+text with `semisparse export`'s defaults, 128 × 2048) and measures, for each and for the
 dense model and the run directory itself: bytes of the weight file (model total, and the sparse layers' share from
 the export manifest), load time (semisparse.load / load_model, median of 3), and WikiText-2 validation perplexity
 (SparseGPT/Wanda protocol, seqlen 2048, the first --windows windows) computed in float32 after loading (so the
@@ -22,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.raw"
 EXPORTS = [("hf fp16", "hf", "fp16", "none"), ("packed fp16", "packed", "fp16", "none"),
-           ("packed fp16 + int8", "packed", "fp16", "int8"), ("packed fp16 + int4 rtn", "packed", "fp16", "int4")]
+           ("packed fp16 + int8", "packed", "fp16", "int8"), ("packed fp16 + int4 rtn", "packed", "fp16", "int4"),
+           ("packed fp16 + int4 gptq", "packed", "fp16", "int4", "gptq")]
 
 
 def weight_bytes(folder: Path) -> int:
@@ -77,9 +79,10 @@ def main() -> None:
     measure("2:4 run directory (fp32, zeros dense)",
             lambda: (lambda m: (m.model, m.tokenizer))(load_model(str(args.run_dir))), args.run_dir)
     with tempfile.TemporaryDirectory(prefix="export-sizes-") as tmp:
-        for name, fmt, dtype, quant in EXPORTS:
+        for name, fmt, dtype, quant, *method in EXPORTS:
             out = Path(tmp) / name.replace(" ", "_").replace("+", "")
-            manifest = api.export(args.run_dir, out, format=fmt, dtype=dtype, quant=quant)
+            manifest = api.export(args.run_dir, out, format=fmt, dtype=dtype, quant=quant,
+                                  quant_method=method[0] if method else "rtn")
             measure(name, lambda out=out: load_export(out, dtype=torch.float32)[:2], out, manifest)
 
     print("\n| model | weight file | sparse layers | load (s) | WikiText-2 ppl |")

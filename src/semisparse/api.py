@@ -319,6 +319,12 @@ def export(
     group_size: int | None = None,
     merge_slorb: bool = False,
     overwrite: bool = False,
+    quant_method: str = "rtn",
+    calib: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
 ) -> dict:
     """``semisparse export``: write the run directory ``run_dir`` as a compact checkpoint into ``out``.
 
@@ -328,11 +334,14 @@ def export(
     default the largest of 128, 64, 32 that divides it), symmetric round-to-nearest. ``merge_slorb`` (hf only) folds
     a SLoRB branch into dense weights (no longer N:M). Returns the manifest (docs/export.md), plus ``out``.
     ``format`` gguf: one llama.cpp file ``out`` (FILE.gguf, llama models), ``quant`` none (floats in ``dtype``),
-    q8_0 or q4_0; ``merge_slorb`` as for hf.
+    q8_0 or q4_0; ``merge_slorb`` as for hf. ``quant_method`` rtn (default) | gptq: error-compensating rounding on
+    the grid above, calibrated block by block on ``calib`` (DATA, default "default"), ``nsamples`` (128) windows of
+    ``seqlen`` (2048, capped at the model's context and the text) tokens, on ``device``.
     """
     from semisparse.export.writer import export_run
 
-    return export_run(run_dir, out, format, dtype, quant, group_size, merge_slorb, overwrite)
+    return export_run(run_dir, out, format, dtype, quant, group_size, merge_slorb, overwrite, quant_method=quant_method,
+                      calib=calib, nsamples=nsamples, seqlen=seqlen, device=device, progress=progress)
 
 
 def bench(

@@ -250,11 +250,19 @@ def export(
         "--out FILE.gguf (llama models)."),
     dtype: str = typer.Option("fp16", help="Floating tensors as fp16, bf16 or fp32."),
     quant: str = typer.Option(
-        "none", help="Weight-only round-to-nearest of the kept values (packed only): none, int8 (one scale per "
-        "output channel) or int4 (one scale per --group-size values). GPTQ is not implemented yet. gguf: none "
+        "none", help="Weight-only quantization of the kept values (packed only): none, int8 (one scale per "
+        "output channel) or int4 (one scale per --group-size values), see --quant-method. gguf: none "
         "(--dtype floats), q8_0 or q4_0 (GGUF's own blocks of 32)."),
     group_size: Optional[int] = typer.Option(
         None, help="int4 group along the compacted input (default: the largest of 128, 64, 32 dividing it)."),
+    quant_method: str = typer.Option(
+        "rtn", help="rtn (round to nearest) or gptq (error-compensating rounding calibrated on --calib, block by "
+        "block, as SparseGPT; packed int8/int4 only)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text (gptq; default: default). " + DATA_HELP),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration sequences (gptq; default 128)."),
+    seqlen: Optional[int] = typer.Option(
+        None, help="Calibration sequence length (gptq; default 2048, capped at the model's context and the text)."),
+    device: str = typer.Option("auto", help="Where gptq's calibration runs: " + DEVICE_HELP),
     merge_slorb: bool = typer.Option(
         False, help="hf: fold a SLoRB branch into the dense weights (W⊙M + S·X); the result is no longer N:M."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -266,9 +274,10 @@ def export(
     from semisparse import api
 
     m = api.export(run_dir, out, format=format, dtype=dtype, quant=quant, group_size=group_size,
-                   merge_slorb=merge_slorb, overwrite=overwrite)
+                   merge_slorb=merge_slorb, overwrite=overwrite, quant_method=quant_method, calib=calib,
+                   nsamples=nsamples, seqlen=seqlen, device=device)
     files = sum(f["bytes"] for f in m["files"].values())
-    what = f"{format} {dtype}" + (f" {quant}" if quant != "none" else "")
+    what = f"{format} {dtype}" + (f" {quant} {quant_method}" if quant != "none" else "")
     sizes = m.get("sizes")
     detail = ""
     if sizes:

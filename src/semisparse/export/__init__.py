@@ -3,7 +3,10 @@
     options.py  the choices (format, dtype, quant, group size) and their checks; no torch, so the pipeline config
                 validates them before anything heavy is imported
     pack.py     one sparse layer <-> kept values + bit-packed in-group positions (pure tensors)
-    quant.py    weight-only symmetric RTN of the kept values: int8 per output channel, int4 group-wise
+    quant.py    weight-only symmetric quantization of the kept values: int8 per output channel, int4 group-wise;
+                round to nearest (RTN), or codes chosen by gptq.py
+    gptq.py     --quant-method gptq: kept values quantized column by column with SparseGPT's Hessian machinery,
+                errors spread onto later columns, pruned entries left exactly 0
     source.py   read and check the run directory being exported
     packed.py   the packed tensors and per-layer records of a model
     hf.py       the stock transformers folder (optionally with SLoRB merged into the dense weights)

@@ -41,6 +41,29 @@ def check_options(format: str, dtype: str, quant: str, group_size: int | None, m
                         "own tensors (merging it would break N:M)")
 
 
+#: --quant-method: round to nearest, or GPTQ (calibrated error compensation, export/gptq.py).
+QUANT_METHODS = ("rtn", "gptq")
+
+
+def check_quant_method(method: str, format: str, quant: str, calib: str | None, nsamples: int | None,  # noqa: A002
+                       seqlen: int | None) -> None:
+    """One-line UserError for a --quant-method combination that means nothing (before any model loads)."""
+    _choice("--quant-method", method, QUANT_METHODS)
+    if method == "rtn":
+        if calib is not None or nsamples is not None or seqlen is not None:
+            raise UserError("--calib, --nsamples and --seqlen calibrate --quant-method gptq; rtn takes none")
+        return
+    if format != "packed":
+        raise UserError(f"--quant-method gptq needs --format packed (got --format {format}): it quantizes the "
+                        "kept values of the packed format")
+    if quant not in ("int8", "int4"):
+        raise UserError(f"--quant-method gptq needs --quant int8 or int4 (got --quant {quant})")
+    if nsamples is not None and nsamples <= 0:
+        raise UserError(f"--nsamples must be positive (got {nsamples})")
+    if seqlen is not None and seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2 (got {seqlen})")
+
+
 #: ``semisparse.load(backend=...)`` / ``--backend``: none = the de-quantized float path; cpu = torch's weight-only
 #: int8/int4 CPU kernels (export/cpu_backend.py).
 BACKENDS = ("none", "cpu")

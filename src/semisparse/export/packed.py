@@ -57,8 +57,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def pack_model(source: Source, dtype: torch.dtype, quant: str, group_size: int | None) -> PackedModel:
-    """Pack every sparse layer of ``source``; every other tensor as it is (floating ones cast to ``dtype``)."""
+def pack_model(source: Source, dtype: torch.dtype, quant: str, group_size: int | None,
+               quantized: dict[str, q.Quantized] | None = None) -> PackedModel:
+    """Pack every sparse layer of ``source``; every other tensor as it is (floating ones cast to ``dtype``).
+
+    ``quantized``: codes and scales already chosen per layer (GPTQ, export/gptq.py); else RTN here."""
     pattern = source.pattern
     # Group sizes first: a size that does not divide some layer is one error before any work.
     widths = {name: compact_width(weight_matrix(m).shape[1], pattern) for name, m in source.modules.items()}
@@ -73,7 +76,7 @@ def pack_model(source: Source, dtype: torch.dtype, quant: str, group_size: int |
             values = packed.values.to(dtype)
             g = None
         else:
-            res = q.quantize(packed.values, quant, groups.get(name), dtype)
+            res = quantized[name] if quantized else q.quantize(packed.values, quant, groups.get(name), dtype)
             values, scales, g = res.codes, res.scales, res.group_size
         out.tensors[f"{name}.{VALUES}"] = values
         out.tensors[f"{name}.{POSITIONS}"] = packed.positions

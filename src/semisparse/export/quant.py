@@ -6,7 +6,8 @@
 
 The scale is rounded to the storage dtype *before* the codes are computed, so v ≈ q · s_stored holds with the very
 scale the loader reads (error ≤ s_stored / 2 per element). An all-zero row/group gets s = 1 (all codes 0).
-GPTQ (error-compensating rounding) is later work; this is the plain RTN baseline.
+GPTQ (export/gptq.py) uses the same grid and scale rule, choosing codes with error compensation instead;
+``encode`` stores its codes the way ``quantize`` does.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def quantize(values: torch.Tensor, scheme: str, group_size: int | None, scale_dt
     else:
         codes = pack_bits(q.to(torch.int64) + _INT4_OFFSET, 4)
     return Quantized(codes=codes.contiguous(), scales=scales.contiguous(), group_size=g)
+
+
+def encode(q: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Integer codes ``q`` [out, k] (within ±QMAX) in ``quantize``'s storage: int8 [out, k] | packed uint8 (int4)."""
+    if BITS[scheme] == 8:
+        return q.to(torch.int8).contiguous()
+    return pack_bits(q.to(torch.int64) + _INT4_OFFSET, 4)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, scheme: str, group_size: int,

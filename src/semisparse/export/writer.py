@@ -12,7 +12,7 @@ import torch
 from semisparse import rundir
 from semisparse.errors import UserError
 from semisparse.export.format import FORMAT_NAMES, FORMAT_VERSION, write_manifest
-from semisparse.export.options import check_options
+from semisparse.export.options import check_options, check_quant_method
 from semisparse.export.quant import BITS
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -30,12 +30,29 @@ def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _quantization(quant: str, group_size: int | None) -> dict:
+def _quantization(quant: str, group_size: int | None, method: str = "rtn", calibration: dict | None = None) -> dict:
     if quant == "none":
         return {"scheme": "none", "bits": None, "group_size": None}
-    return {"scheme": quant, "method": "rtn", "symmetric": True, "bits": BITS[quant],
-            "group_size": group_size if quant == "int4" else None,  # int4 None: per layer, see layers.*.group_size
-            "axis": "output channel" if quant == "int8" else "compacted input"}
+    record = {"scheme": quant, "method": method, "symmetric": True, "bits": BITS[quant],
+              "group_size": group_size if quant == "int4" else None,  # int4 None: per layer, see layers.*.group_size
+              "axis": "output channel" if quant == "int8" else "compacted input"}
+    if method == "gptq":
+        from semisparse.export.gptq import BLOCKSIZE, PERCDAMP
+
+        record.update(calibration=calibration, damping=PERCDAMP, blocksize=BLOCKSIZE)
+    return record
+
+
+def _calibration_windows(source, text, nsamples: int, seqlen: int) -> tuple:
+    """GPTQ's calibration windows (seed 0, as `semisparse prune` draws them) and their record; ``seqlen`` capped at
+    the model's context and at what the text gives."""
+    from semisparse import data
+
+    stream = data.token_stream(source.tokenizer, text.docs)
+    seqlen = min(data.effective_seqlen(source.model, seqlen), max(2, stream.numel() - 1))
+    windows = data.calibration_windows(stream, nsamples, seqlen, seed=0)
+    return windows, {**text.describe(), "nsamples": nsamples, "seqlen": seqlen, "sampler": "random", "seed": 0,
+                     "stream_tokens": int(stream.numel())}
 
 
 def refuse_unmerged_slorb(run_dir: Path, holder: str) -> None:
@@ -47,13 +64,19 @@ def refuse_unmerged_slorb(run_dir: Path, holder: str) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, format: str = "packed", dtype: str = "fp16",  # noqa: A002
                quant: str = "none", group_size: int | None = None, merge_slorb: bool = False,
-               overwrite: bool = False) -> dict:
-    """Export ``run_dir`` into ``out`` (docs/export.md); returns the manifest, with ``out`` added."""
+               overwrite: bool = False, quant_method: str = "rtn", calib: str | None = None,
+               nsamples: int | None = None, seqlen: int | None = None, device: str = "auto",
+               progress: bool = True) -> dict:
+    """Export ``run_dir`` into ``out`` (docs/export.md); returns the manifest, with ``out`` added.
+
+    ``quant_method`` gptq: calibrated on ``calib`` (DATA; default "default"), ``nsamples`` (128) windows of
+    ``seqlen`` (2048) tokens, on ``device`` (only the calibration runs there)."""
     from semisparse.export.source import check_run_dir, read_source
     from semisparse.models import package_versions
 
     run_dir, out = Path(run_dir), Path(out)
     check_options(format, dtype, quant, group_size, merge_slorb)
+    check_quant_method(quant_method, format, quant, calib, nsamples, seqlen)
     check_run_dir(run_dir)
     if format == "gguf":  # one file, not a folder: its own output checks and writer
         from semisparse.export.gguf_writer import export_gguf
@@ -63,6 +86,9 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "packed", dty
     has_slorb = (run_dir / rundir.SLORB_FILE).is_file()
     if format == "hf" and has_slorb and not merge_slorb:
         refuse_unmerged_slorb(run_dir, "a stock transformers model")
+    if quant_method == "gptq" and has_slorb:
+        raise UserError(f"{run_dir} has a SLoRB branch ({rundir.SLORB_FILE}): --quant-method gptq does not "
+                        "calibrate with it yet: use --quant-method rtn")
     if quant == "int4":  # group sizes from the masks' shapes: a bad one fails before the model loads
         from semisparse.export.pack import compact_width
         from semisparse.export.quant import layer_group_size
@@ -70,24 +96,48 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "packed", dty
 
         pattern = Pattern.parse(rundir.read_run_meta(run_dir).get("pattern") or "2:4")
         for name, mask in rundir.load_masks(run_dir).items():
-            layer_group_size(name, compact_width(mask.shape[-1], pattern), group_size)
+            g = layer_group_size(name, compact_width(mask.shape[-1], pattern), group_size)
+            if quant_method == "gptq" and g % pattern.n:  # else a group's dense columns differ from row to row
+                raise UserError(f"layer {name}: --quant-method gptq needs int4 groups of a multiple of N={pattern.n} "
+                                f"kept values (group size {g}): give --group-size")
+    calibration = None
+    if quant_method == "gptq":  # read the text before the (slow) model load, so a bad DATA fails at once
+        from semisparse import data
+        from semisparse.devices import resolve_device
+
+        text = data.load_text(calib or "default", split="train")
+        calib_device = resolve_device(device)
     source = read_source(run_dir)
+    quantized = None
+    if quant_method == "gptq":
+        from semisparse.export.gptq import gptq_model
+        from semisparse.export.pack import compact_width
+        from semisparse.export.quant import layer_group_size
+
+        windows, calibration = _calibration_windows(source, text, nsamples or 128, seqlen or 2048)
+        groups = {} if quant != "int4" else {
+            name: layer_group_size(name, compact_width(mask.shape[-1], source.pattern), group_size)
+            for name, mask in source.masks.items()}
+        quantized = gptq_model(source, quant, groups, TORCH_DTYPES[dtype], windows, calib_device, progress)
     torch_dtype = TORCH_DTYPES[dtype]
     manifest: dict = {
         "format": FORMAT_NAMES[format], "format_version": FORMAT_VERSION,
         "options": {"format": format, "dtype": dtype, "quant": quant, "group_size": group_size,
                     "merge_slorb": merge_slorb},
         "pattern": str(source.pattern), "nm": True, "dtype": dtype,
-        "quantization": _quantization(quant, group_size),
+        "quantization": _quantization(quant, group_size, quant_method, calibration),
         "slorb": None,
     }
+    if quant_method != "rtn":  # only then: an rtn manifest's options stay what the pipeline compares
+        manifest["options"].update(quant_method=quant_method, calib=calib or "default", nsamples=nsamples or 128,
+                                   seqlen=seqlen or 2048)
     slorb_layers = sorted({key.rpartition(".")[0] for key in source.slorb})
     if format == "packed":
         from safetensors.torch import save_file
 
         from semisparse.export.packed import pack_model
 
-        packed = pack_model(source, torch_dtype, quant, group_size)  # every layer check happens before writing
+        packed = pack_model(source, torch_dtype, quant, group_size, quantized)  # every check happens before writing
         manifest.update(layers=packed.layers, tied=packed.tied, sizes=packed.sizes)
         if slorb_layers:
             manifest["slorb"] = {"layers": len(slorb_layers), "merged": False}

@@ -56,12 +56,7 @@ def sparsegpt_prune(
     W = weight.detach().to(dtype).clone()
     H = hessian.detach().to(dtype).clone()
     cols = W.shape[1]
-    # Inputs that never fire carry no information: their weights are zeroed, as in the reference.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=dtype, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = dampened_inverse_cholesky(H, W, percdamp)
 
     # Groups must not straddle two lazy blocks: use the largest multiple of M not above blocksize.
     blocksize = max(m, blocksize - blocksize % m)
@@ -85,3 +80,14 @@ def sparsegpt_prune(
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W * mask, mask
+
+
+def dampened_inverse_cholesky(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + λI)⁻¹, λ = ``percdamp`` × mean diag(H), as the SparseGPT and GPTQ references
+    compute it. Modifies ``H`` and ``W`` (pass copies) in place: inputs that never fire carry no information, so
+    their diagonal becomes 1 and their weights (columns of ``W`` [out, in]) are zeroed, as in the references."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
