@@ -70,6 +70,39 @@ def tokenize(
                               shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, progress=progress)
 
 
+def generate(
+    model: str,
+    out: str | Path,
+    *,
+    tokens: int,
+    prompts: str | None = None,
+    prompt_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    shard_tokens: int | None = None,
+    text_field: str = "text",
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    say=print,
+) -> dict:
+    """``semisparse generate``: sample about ``tokens`` tokens from ``model`` into the token-shard folder ``out``
+    (docs/data.md), resuming a killed run of the same arguments. Returns the shard index plus ``"unchanged"``
+    (True: ``out`` was complete already) and ``"resumed_from"`` (the batch a partial run continued at, or None)."""
+    from semisparse.shards import DEFAULT_SHARD_TOKENS
+    from semisparse.shards.generate import Sampling, generate_to_shards
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        seed=seed)
+    return generate_to_shards(model, out, tokens=tokens, sampling=sampling, prompts=prompts,
+                              prompt_tokens=prompt_tokens, text_field=text_field,
+                              shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, device=device, overwrite=overwrite,
+                              progress=progress, say=say)
+
+
 def prune(
     model: str = "default",
     method: str = "sparsegpt",

@@ -117,6 +117,44 @@ def tokenize(
 
 
 @app.command()
+def generate(
+    model: str = typer.Argument(..., help="Dense model to sample from (the teacher). " + MODEL_HELP),
+    tokens: int = typer.Option(..., help="Token budget: stop after the batch that reaches it (kept whole)."),
+    out: Path = typer.Option(..., help="Shard folder to write (as `tokenize` writes; resumable, renamed in place "
+                             "when complete)."),
+    prompts: Optional[str] = typer.Option(
+        None, help="Prompt each sequence with the first --prompt-tokens tokens of DATA's documents, in order, "
+        "cycling (default: the BOS token alone). " + DATA_HELP),
+    prompt_tokens: Optional[int] = typer.Option(None, help="Prompt length in tokens, with --prompts (default 16)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 = greedy (needs --prompts)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of tokens of this mass, (0, 1]."),
+    max_new_tokens: int = typer.Option(256, help="Sampled tokens per sequence at most (it ends earlier at EOS)."),
+    batch_size: int = typer.Option(32, help="Sequences per model.generate call (part of the result: seeds are per "
+                                   "batch)."),
+    seed: int = typer.Option(0, help="Seed; batch b is sampled from a seed derived from (seed, b)."),
+    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per shard file (default 100,000,000)."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet prompt data."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="Replace a shard folder (or a partial run) made otherwise."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Sample training text from MODEL into token shards for `train --data` (data-free distillation; resumable)."""
+    from semisparse import api
+
+    index = api.generate(model, out, tokens=tokens, prompts=prompts, prompt_tokens=prompt_tokens,
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         seed=seed, shard_tokens=shard_tokens, text_field=text_field, device=device,
+                         overwrite=overwrite, progress=progress,
+                         say=lambda msg: console.print(msg, markup=False, highlight=False))
+    what = f"{index['tokens']:,} tokens of {index['documents']:,} documents in {len(index['shards'])} shards"
+    if index["unchanged"]:
+        console.print(f"{out} is up to date ({what}): nothing to do")
+    else:
+        console.print(f"generated {what} ({index['generation']['batches']:,} batches, {index['run']['device']}, "
+                      f"{index['source']['precision']}) -> {out}")
+
+
+@app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., help="Run directory to write (a stock transformers model dir + masks)."),
