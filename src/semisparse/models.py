@@ -118,6 +118,22 @@ def resolve_model(spec: str) -> str:
     return spec  # a hub id; transformers resolves it (online) or fails below
 
 
+def model_skeleton(spec: str):
+    """The model built on the meta device from its config alone (no weights read, no memory): its layer shapes, for
+    checks that should fail before a slow load. None when the config cannot be read locally (a hub id offline, an
+    exported folder): the load itself then reports or the check runs after it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (Path(spec).expanduser() / rundir.EXPORT_MANIFEST).is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, UserError):
+        return None
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load model + tokenizer. A run directory's SLoRB branch (if any) is re-attached so it is evaluated; an
     exported folder (``semisparse export``) is verified and rebuilt (semisparse.export.load)."""

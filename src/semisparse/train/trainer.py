@@ -59,7 +59,7 @@ from semisparse.evaluate.perplexity import perplexity
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern, flip_count
 from semisparse import rundir
-from semisparse.models import load_model, package_versions, write_run_files
+from semisparse.models import load_model, model_skeleton, package_versions, write_run_files
 from semisparse.rundir import (  # noqa: F401 (read_metrics, truncate_metrics: re-exported for older imports)
     METRICS_FILE,
     PLOTS_DIR,
@@ -287,6 +287,20 @@ def _init_masks(net: nn.Module, cfg: Recipe, stream: torch.Tensor, seq_len: int,
     return result.masks
 
 
+def _check_scale_widths(spec: str, cfg: Recipe) -> None:
+    """scale.blocks must split every sparse layer's input into whole groups of M: checked on the config's shapes,
+    before the weights load."""
+    skeleton = model_skeleton(spec)
+    if skeleton is None:
+        return  # sparsify checks the same after the load
+    step = cfg.scale.blocks * Pattern.parse(cfg.pattern).m
+    for name, module in select_layers(skeleton).items():
+        width = weight_matrix(module).shape[1]
+        if width % step:
+            raise UserError(f"scale.blocks {cfg.scale.blocks}: layer {name} has input width {width}, not a multiple "
+                            f"of scale.blocks x M = {step} (a weight scale block would split a group of M)")
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW weight decay on >=2-D parameters only (AST.md §5); norms, biases and CAST's weight scales get none."""
     decay, no_decay = [], []
@@ -419,6 +433,8 @@ def train(
 
     # Student: the init run directory, or MODEL (pruned one-shot below).
     student_src = str(init_dir) if init_dir is not None else model
+    if cfg.scale.enabled:
+        _check_scale_widths(student_src, cfg)
     loaded = load_model(student_src, device=device)
     net, tokenizer = loaded.model, loaded.tokenizer
     init_meta = loaded.run_meta if init_dir is not None else None
