@@ -583,7 +583,23 @@ def test_pipeline_export_config_errors(tmp_path, tiny_dir, text, cli):
     line = one_line_error(cli("run", tiny_dir, "--out", tmp_path / "o", *pipeline_flags(text), "--stages", "prune",
                               "--export", "hf", "--set", "export.quant=int4"))
     assert "--format packed" in line
+    line = one_line_error(cli("run", tiny_dir, "--out", tmp_path / "o", *pipeline_flags(text), "--stages", "prune",
+                              "--export", "packed", "--set", "export.quant_method=gptq"))
+    assert "--quant-method gptq needs --quant int8 or int4" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_gptq_export_records_and_skips(tmp_path, tiny_dir, text, cli):
+    out = tmp_path / "out"
+    flags = [*pipeline_flags(text), "--stages", "prune", "--export", "packed", "--set", "export.quant=int8",
+             "--set", "export.quant_method=gptq", "--set", f"export.calib={text}", "--set", "export.nsamples=4",
+             "--set", "export.seqlen=16"]
+    r = cli("run", tiny_dir, "--out", out, *flags)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "export" / "export.json").read_text())
+    assert manifest["quantization"]["method"] == "gptq" and manifest["options"]["nsamples"] == 4
+    again = cli("run", tiny_dir, "--out", out, *flags)
+    assert again.returncode == 0 and "export: complete, skipped" in again.stdout
 
 
 def test_export_is_not_a_default_stage():

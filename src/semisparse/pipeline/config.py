@@ -78,9 +78,13 @@ class ExportSection(_Section):
 
     format: str = Field("packed", description="packed | hf")
     dtype: str = Field("fp16", description="fp16 | bf16 | fp32")
-    quant: str = Field("none", description="none | int8 | int4 (round-to-nearest; packed only)")
+    quant: str = Field("none", description="none | int8 | int4 (packed only)")
     group_size: int | None = Field(None, gt=0, description="int4 group size (default: 128, 64 or 32)")
     merge_slorb: bool = Field(False, description="hf: fold a SLoRB branch into dense weights (no longer N:M)")
+    quant_method: str = Field("rtn", description="rtn (round to nearest) | gptq (calibrated, keeps the pattern)")
+    calib: str | None = Field(None, description="gptq: calibration DATA (default: the shipped text)")
+    nsamples: int | None = Field(None, gt=0, description="gptq: calibration windows (default 128)")
+    seqlen: int | None = Field(None, ge=2, description="gptq: calibration window length (default 2048)")
 
     @field_validator("format", "dtype", "quant")
     @classmethod
@@ -215,7 +219,7 @@ def check_config(cfg: PipelineConfig, where: str) -> None:
                 f"({t.batch_size} x {t.grad_accum} x {t.seq_len} = {per_step} tokens)"
             )
     if "export" in cfg.stages:
-        from semisparse.export.options import check_options
+        from semisparse.export.options import check_options, check_quant_method
 
         if not {"prune", "train"} & set(cfg.stages):
             raise UserError(f"pipeline {where}: export: it exports the train (or prune) stage's run directory: "
@@ -223,6 +227,7 @@ def check_config(cfg: PipelineConfig, where: str) -> None:
         e = cfg.export
         try:
             check_options(e.format, e.dtype, e.quant, e.group_size, e.merge_slorb)
+            check_quant_method(e.quant_method, e.format, e.quant, e.calib, e.nsamples, e.seqlen)
         except UserError as exc:
             raise UserError(f"pipeline {where}: export: {exc}") from None
     if "eval" in cfg.stages:

@@ -205,8 +205,12 @@ class ExportStage:
 
     def _options(self, ctx: Context) -> dict:
         e = ctx.cfg.export
-        return {"format": e.format, "dtype": e.dtype, "quant": e.quant, "group_size": e.group_size,
-                "merge_slorb": e.merge_slorb}
+        options = {"format": e.format, "dtype": e.dtype, "quant": e.quant, "group_size": e.group_size,
+                   "merge_slorb": e.merge_slorb}
+        if e.quant_method != "rtn":  # as the export manifest records them (rtn manifests carry none of these)
+            options.update(quant_method=e.quant_method, calib=e.calib or "default", nsamples=e.nsamples or 128,
+                           seqlen=e.seqlen or 2048)
+        return options
 
     def status(self, ctx: Context) -> str:
         from semisparse.export.format import verify
@@ -227,7 +231,10 @@ class ExportStage:
         from semisparse import api
 
         # One atomic folder write: an interrupted export left nothing behind and simply runs again.
-        api.export(self.source(ctx), ctx.dir(self.name), overwrite=True, **self._options(ctx))
+        options = self._options(ctx)
+        if options.get("quant_method", "rtn") != "rtn":  # the manifest's defaults filled in above are what we pass
+            options.update(device=ctx.cfg.device, progress=ctx.progress)
+        api.export(self.source(ctx), ctx.dir(self.name), overwrite=True, **options)
 
 
 class ReportStage:
