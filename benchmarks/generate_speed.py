@@ -2,8 +2,8 @@
 
 SmolLM2-135M (shipped), prompts of 16 tokens from the shipped text, 128 new tokens, temperature 1, top-p 1, at each
 --batch-sizes. `semisparse` = api.generate into a temporary shard folder (its own tokens/s, from the index: tokens
-written / seconds, prompts included since they are part of the documents); `transformers` = the same model, dtype
-and prompts through `model.generate` in a loop, timed here (new tokens + prompt tokens / seconds), the baseline the
+written / seconds, prompts included since they are part of the documents); `transformers` = the same model, weight
+dtype (bf16 where the CPU has native bf16) and prompts through `model.generate` in a loop, timed here (new tokens + prompt tokens / seconds), the baseline the
 ratio is against. Time it alone on the machine.
 
     .venv/bin/python benchmarks/generate_speed.py [--batch-sizes 8,32] [--tokens 8192] [--out FILE.json]
@@ -12,7 +12,6 @@ ratio is against. Time it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -33,20 +32,19 @@ def plain_generate(batch_size: int, tokens: int) -> dict:
     from semisparse.devices import resolve_precision
     from semisparse.models import load_model
 
-    loaded = load_model("default")
-    model, tok = loaded.model.eval(), loaded.tokenizer
     precision = resolve_precision("auto", torch.device("cpu"))[0]
+    loaded = load_model("default", dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    model, tok = loaded.model.eval(), loaded.tokenizer
     docs = [d for d in data_mod.load_text("default", "train").docs[:2000]]
     prompts = [ids[:PROMPT] for ids in (tok(d, add_special_tokens=False)["input_ids"] for d in docs)
                if len(ids) >= PROMPT]
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
     done, seconds, batch = 0, 0.0, 0
     while done < tokens:
         rows = [prompts[(batch * batch_size + i) % len(prompts)] for i in range(batch_size)]
         ids = torch.tensor(rows)
         torch.manual_seed(batch)
         start = time.perf_counter()
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
                                  top_p=1.0, top_k=0, max_new_tokens=NEW, pad_token_id=tok.eos_token_id)
         seconds += time.perf_counter() - start

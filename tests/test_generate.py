@@ -75,21 +75,21 @@ def reference_documents(model_dir, tokens, batch, new, seed, temperature=1.0, to
     int(sha256("generate/SEED/b")[:15], 16), generated with exactly these settings; each sequence becomes
     prompt + sampled tokens before the first EOS + EOS; batches until `tokens` is reached, the last one whole."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bf16 = resolve_precision("auto", torch.device("cpu"))[0] == "bf16"  # bf16 weights where the CPU has native bf16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     eos = tok.eos_token_id
     start = tok.bos_token_id if tok.bos_token_id is not None else eos
     prompts = []
     if data is not None:
         docs = [d for d in data_mod.load_text(str(data)).docs if d.strip()]
         prompts = [ids[:k] for ids in tok(docs, add_special_tokens=False).input_ids if len(ids) >= k]
-    bf16 = resolve_precision("auto", torch.device("cpu"))[0] == "bf16"
     out, total, b = [], 0, 0
     while total < tokens:
         rows = [prompts[(b * batch + i) % len(prompts)] if prompts else [] for i in range(batch)]
         ids = torch.tensor([[start] + r for r in rows])
         torch.manual_seed(int(hashlib.sha256(f"generate/{seed}/{b}".encode()).hexdigest()[:15], 16))
         sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {}
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode():
             got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, top_k=0,
                                  eos_token_id=eos, pad_token_id=eos, **sample)
         for row, generated in zip(rows, got[:, ids.shape[1]:].tolist()):

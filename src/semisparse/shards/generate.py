@@ -10,7 +10,6 @@ lengths of the last checkpoint and carries on, giving the bytes an uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
@@ -244,20 +243,19 @@ def save_progress(path: Path, state: dict) -> None:
 # ------------------------------------------------------------------------------------------------ the verb
 
 
-def _precision(device: torch.device) -> tuple[str, contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA and on a CPU with native bf16 matmuls, else float32 (devices.resolve_precision)."""
+def _precision(device: torch.device) -> str:
+    """bf16 weights on CUDA and on a CPU with native bf16 matmuls, else float32 (devices.resolve_precision). The
+    frozen sampler holds its weights in bf16 rather than running under autocast, which would cast every weight
+    again at every decoded token: decoding is memory-bound."""
     from semisparse.devices import resolve_precision
 
-    precision, _ = resolve_precision("auto", device)
-    if precision == "bf16":
-        return precision, torch.autocast(device.type, dtype=torch.bfloat16)
-    return precision, contextlib.nullcontext()
+    return resolve_precision("auto", device)[0]
 
 
-def _load_generator(model: str, device: torch.device, length: int):
+def _load_generator(model: str, device: torch.device, length: int, precision: str = "fp32"):
     from semisparse.models import load_model
 
-    net = load_model(model, device=device).model
+    net = load_model(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=device).model
     net.generation_config = type(net.generation_config)()  # the model's own sampling defaults play no part
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos is not None and length > max_pos:
@@ -313,7 +311,7 @@ def generate_to_shards(model: str, out: str | Path, *, tokens: int, sampling: Sa
     source = open_documents(prompts, text_field) if prompts is not None else None
     k = (prompt_tokens or DEFAULT_PROMPT_TOKENS) if source is not None else 0
     device = resolve_device(device)
-    precision, autocast = _precision(device)
+    precision = _precision(device)
     tokenizer = load_tokenizer(model)  # an unknown model fails here, before the weights load
     start, start_kind = _start_token(tokenizer)
     if source is not None:
@@ -335,7 +333,7 @@ def generate_to_shards(model: str, out: str | Path, *, tokens: int, sampling: Sa
     if start_kind == "eos":
         say("note: the tokenizer has no BOS token; every sequence starts from the EOS token")
     try:
-        net = _load_generator(model, device, 1 + k + sampling.max_new_tokens)
+        net = _load_generator(model, device, 1 + k + sampling.max_new_tokens, precision)
     except BaseException:
         if work.load() is None:  # the folder was made by this run and holds nothing yet
             rundir._remove(work.folder)
@@ -353,7 +351,7 @@ def generate_to_shards(model: str, out: str | Path, *, tokens: int, sampling: Sa
         say(f"resuming {out} at batch {state['batches']:,} ({state['tokens']:,} tokens written)")
     prompt_iter = (itertools.islice(prompt_stream(source, tokenizer, k), state["batches"] * sampling.batch_size, None)
                    if source is not None else itertools.repeat([]))
-    _sample_batches(net, tokenizer, start, prompt_iter, sampling, autocast, tokens, work, state, progress)
+    _sample_batches(net, tokenizer, start, prompt_iter, sampling, tokens, work, state, progress)
 
     index = _index(args, state, work, model, tokenizer, sampling, prompts, source, k, start, start_kind, precision,
                    device)
@@ -362,7 +360,7 @@ def generate_to_shards(model: str, out: str | Path, *, tokens: int, sampling: Sa
     return {**index, "unchanged": False, "resumed_from": resumed_from}
 
 
-def _sample_batches(net, tokenizer, start: int, prompt_iter, sampling: Sampling, autocast, tokens: int, work: _Work,
+def _sample_batches(net, tokenizer, start: int, prompt_iter, sampling: Sampling, tokens: int, work: _Work,
                     state: dict, progress: bool) -> None:
     """Batch after batch until ``tokens`` document tokens are written, each followed by its checkpoint."""
     eos = tokenizer.eos_token_id
@@ -375,7 +373,7 @@ def _sample_batches(net, tokenizer, start: int, prompt_iter, sampling: Sampling,
         batch_prompts = list(itertools.islice(prompt_iter, sampling.batch_size))
         ids = torch.tensor([[start] + p for p in batch_prompts], dtype=torch.long, device=net.device)
         torch.manual_seed(batch_seed(sampling.seed, state["batches"]))
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             outputs = net.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
         new = outputs[:, ids.shape[1]:].tolist()
         before = state["tokens"]
