@@ -12,7 +12,6 @@ ratio is against. Time it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -87,10 +86,10 @@ def main() -> None:
         print(f"| {b} | {s['precision']} | {t['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | "
               f"{s['tokens_per_s'] / t['tokens_per_s']:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"machine": info, "settings": {"prompt_tokens": PROMPT, "new_tokens": NEW,
-                                                                 "tokens": args.tokens}, "rows": rows}, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    from semisparse.rundir import atomic_write_json
+
+    atomic_write_json(args.out, {"machine": info, "settings": {"prompt_tokens": PROMPT, "new_tokens": NEW,
+                                                               "tokens": args.tokens}, "rows": rows}, indent=1)
     print(f"\nresults: {args.out}")
 
 

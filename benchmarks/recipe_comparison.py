@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
+from ast_quality import run_state  # noqa: E402  (done | resume | fresh, one definition for both)
+from semisparse.rundir import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
@@ -64,24 +66,6 @@ for seed in (1, 2):
 ROWS["naive-ce-s1"] = {"recipe": "naive-ce", "init": "sparsegpt", "seed": 1}
 for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive"), ("cast", "cast")):
     ROWS[f"mag-{short}-s1"] = {"recipe": recipe, "init": "magnitude", "seed": 1}
-
-
-def atomic_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def run_state(run_dir: Path) -> str:
-    """done | resume | fresh"""
-    from semisparse.rundir import RUN_META
-    from semisparse.train import checkpoint as ckpt
-
-    if (run_dir / RUN_META).is_file():
-        return "done"
-    if (run_dir / "run.json").is_file() and ckpt.latest_checkpoint(run_dir / ckpt.DIR_NAME) is not None:
-        return "resume"
-    return "fresh"
 
 
 def sparsegpt_init(args) -> Path:
@@ -142,7 +126,7 @@ def evaluate(args, name: str, spec: str, out: Path) -> dict:
         result["zeroshot_mean"] = zs["zeroshot"]["mean_acc"]
         result["zeroshot_tasks"] = zs["zeroshot"]["mean_acc_over"]
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
-    atomic_json(out, result)
+    atomic_write_json(out, result, indent=1)
     return result
 
 
@@ -204,7 +188,7 @@ def report(args) -> None:
               f"{r['c4_ppl']:.2f} | {zs} | {r['final_init_flip_rate']:.2e} | {pam} | {tps} | "
               f"{(r['train_seconds'] or 0) / 60:.0f} min |")
     plot(rows, RESULTS / "recipe_comparison.png")
-    atomic_json(RESULTS / "recipe_comparison.json", {
+    atomic_write_json(RESULTS / "recipe_comparison.json", indent=1, data={
         "machine": machine.describe(), "common": COMMON, "mixture": MIXTURE, "tokens": args.tokens,
         "row_settings": ROW_SETTINGS, "dense": dense, "sparsegpt_init": init, "rows": rows})
     print(f"\nresults: {RESULTS / 'recipe_comparison.json'}")

@@ -74,9 +74,9 @@ def main() -> None:
               f"{sh['tokens_per_s'] / mem['tokens_per_s']:.2f} | {mem['peak_rss_mib']:.0f} MiB | "
               f"{sh['peak_rss_mib']:.0f} MiB |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    from semisparse.rundir import atomic_write_json
+
+    atomic_write_json(args.out, {"machine": info, "rows": rows}, indent=1)
     print(f"\nresults: {args.out}")
 
 

@@ -128,13 +128,12 @@ def summarize(times: dict, args) -> dict:
 
 def write_results(args, info: dict, settings: dict, results: dict, profiles: list) -> None:
     from semisparse.models import package_versions
+    from semisparse.rundir import atomic_write_json
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": info, "versions": package_versions(), "settings": settings, "results": results,
               "profiles": profiles}
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(record, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_json(args.out, record, indent=1)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,9 @@ def _read_txt(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a .jsonl file (blank lines skipped); a bad line is a UserError naming file and line."""
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The JSON objects of a .jsonl file one at a time (blank lines skipped); a bad line is a UserError naming file
+    and line."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -73,8 +74,12 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+            yield row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All JSON objects of a .jsonl file (``iter_jsonl``)."""
+    return list(iter_jsonl(path))
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:

@@ -31,21 +31,10 @@ def _txt_rows(path: Path) -> Iterator[str]:
 
 
 def _jsonl_rows(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        record = 0
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            record += 1
-            if field not in row:
-                raise UserError(f"{path}: record {record} has no field {field!r} (choose one with --text-field)")
-            yield str(row[field])
+    for record, row in enumerate(data_mod.iter_jsonl(path), 1):
+        if field not in row:
+            raise UserError(f"{path}: record {record} has no field {field!r} (choose one with --text-field)")
+        yield str(row[field])
 
 
 def _parquet_rows(path: Path, field: str) -> Iterator[str]:
