@@ -25,7 +25,8 @@ from semisparse.export.quant import dequantize, quantize
 from semisparse.layers import weight_matrix
 from semisparse.masks import Pattern, is_nm, nm_mask
 from semisparse.models import load_model, save_run_dir
-from tiny import make_gpt2, make_llama, make_tokenizer, save_model_dir
+from tiny import magnitude_run, make_gpt2, make_llama, make_tokenizer, save_model_dir
+from tiny import slorb_run as make_slorb_run
 
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 3), (2, 6), (3, 5)]
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -50,34 +51,20 @@ def logits(model, ids=IDS) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- run directories
 
 
-def _prune(model_dir: Path, out: Path, pattern: str = "2:4") -> Path:
-    api.prune(str(model_dir), "magnitude", pattern, out=out, device="cpu", progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tiny_dir):
-    return _prune(tiny_dir, tmp_path_factory.mktemp("runs") / "llama-2of4")
+    return magnitude_run(tiny_dir, tmp_path_factory.mktemp("runs") / "llama-2of4")
 
 
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return _prune(save_model_dir(make_gpt2(), make_tokenizer(), root / "gpt2"), root / "gpt2-2of4")
+    return magnitude_run(save_model_dir(make_gpt2(), make_tokenizer(), root / "gpt2"), root / "gpt2-2of4")
 
 
 @pytest.fixture(scope="module")
 def slorb_run(tmp_path_factory, tiny_dir, text):
-    """A 2-step AST-Boosted run (SLoRB with trainable X), as in test_trainer.py."""
-    from semisparse.train import trainer
-
-    overrides = {
-        "data.train": str(text), "train.tokens": 2 * 2 * 16, "train.seq_len": 16, "train.batch_size": 2,
-        "eval.windows": 1, "eval.every": 0, "eval.at_start": False, "eval.at_end": False, "checkpoint.every": 0,
-        "log.plots": False, "init.calib_samples": 4, "optim.lr": 1e-2, "slorb.k": 8,
-    }
-    out = tmp_path_factory.mktemp("runs") / "boosted"
-    trainer.train(str(tiny_dir), out, "ast-boosted", overrides, progress=False)
+    out = make_slorb_run(tiny_dir, text, tmp_path_factory.mktemp("runs") / "boosted")
     assert (out / "slorb.safetensors").is_file()
     return out
 
@@ -427,7 +414,7 @@ def test_a_non_zero_where_the_mask_prunes_is_refused(tmp_path, llama_run, cli):
 
 def test_no_default_group_size_names_the_layer(tmp_path, cli):
     model_dir = save_model_dir(make_llama(hidden=48), make_tokenizer(), tmp_path / "odd")
-    run_dir = _prune(model_dir, tmp_path / "odd-run")
+    run_dir = magnitude_run(model_dir, tmp_path / "odd-run")
     line = one_line_error(cli("export", run_dir, "--out", tmp_path / "out", "--quant", "int4"))
     assert "layer model.layers.0." in line and "--group-size" in line
     assert not (tmp_path / "out").exists()

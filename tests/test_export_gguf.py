@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from semisparse import api
 from semisparse.errors import UserError
-from tiny import make_gpt2, make_llama, make_tokenizer, save_model_dir
+from tiny import magnitude_run, make_gpt2, make_llama, make_tokenizer, save_model_dir
+from tiny import slorb_run as make_slorb_run
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = {"fp16": (Q.F16, torch.float16), "bf16": (Q.BF16, torch.bfloat16), "fp32": (Q.F32, torch.float32)}
@@ -44,18 +45,13 @@ def folder_state(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------- run directories
 
 
-def _prune(model_dir: Path, out: Path) -> Path:
-    api.prune(str(model_dir), "magnitude", "2:4", out=out, device="cpu", progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory):
     """The tiny Llama (tied embeddings), its tokenizer with a chat template, pruned 2:4."""
     root = tmp_path_factory.mktemp("runs")
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    return _prune(save_model_dir(make_llama(), tokenizer, root / "tiny"), root / "llama-2of4")
+    return magnitude_run(save_model_dir(make_llama(), tokenizer, root / "tiny"), root / "llama-2of4")
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +62,12 @@ def variant_run(tmp_path_factory):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
                       tie_word_embeddings=False, rope_theta=5e5, rms_norm_eps=1e-5)
     root = tmp_path_factory.mktemp("runs")
-    return _prune(save_model_dir(LlamaForCausalLM(cfg).eval(), make_tokenizer(), root / "variant"), root / "v-2of4")
+    return magnitude_run(save_model_dir(LlamaForCausalLM(cfg).eval(), make_tokenizer(), root / "variant"), root / "v-2of4")
 
 
 @pytest.fixture(scope="module")
 def slorb_run(tmp_path_factory, tiny_dir, text):
-    """A 2-step AST-Boosted run (SLoRB with trainable X), as in test_export.py."""
-    from semisparse.train import trainer
-
-    overrides = {
-        "data.train": str(text), "train.tokens": 2 * 2 * 16, "train.seq_len": 16, "train.batch_size": 2,
-        "eval.windows": 1, "eval.every": 0, "eval.at_start": False, "eval.at_end": False, "checkpoint.every": 0,
-        "log.plots": False, "init.calib_samples": 4, "optim.lr": 1e-2, "slorb.k": 8,
-    }
-    out = tmp_path_factory.mktemp("runs") / "boosted"
-    trainer.train(str(tiny_dir), out, "ast-boosted", overrides, progress=False)
+    out = make_slorb_run(tiny_dir, text, tmp_path_factory.mktemp("runs") / "boosted")
     return out
 
 
@@ -223,7 +210,7 @@ def test_rows_that_are_no_whole_blocks_fall_back_to_the_float_type(tmp_path):
     torch.manual_seed(2)
     cfg = LlamaConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    run = _prune(save_model_dir(LlamaForCausalLM(cfg).eval(), make_tokenizer(), tmp_path / "m48"), tmp_path / "r")
+    run = magnitude_run(save_model_dir(LlamaForCausalLM(cfg).eval(), make_tokenizer(), tmp_path / "m48"), tmp_path / "r")
     record = export(run, tmp_path / "m.gguf", quant="q8_0", dtype="bf16")
     _, tensors = read_gguf(tmp_path / "m.gguf")
     state = run_state(run)
@@ -352,7 +339,7 @@ def test_transformers_gguf_loader_reads_the_exported_weights(tmp_path, llama_run
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, llama_run, cli):
-    gpt2_run = _prune(save_model_dir(make_gpt2(), make_tokenizer(), tmp_path / "gpt2"), tmp_path / "gpt2-run")
+    gpt2_run = magnitude_run(save_model_dir(make_gpt2(), make_tokenizer(), tmp_path / "gpt2"), tmp_path / "gpt2-run")
     work = tmp_path / "work"
     work.mkdir()
     (work / "a-file").write_text("x")

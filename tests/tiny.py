@@ -103,3 +103,24 @@ def save_model_dir(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def magnitude_run(model_dir: Path, out: Path, pattern: str = "2:4") -> Path:
+    """A `semisparse prune` run directory of a tiny model (magnitude, no calibration)."""
+    from semisparse import api
+
+    api.prune(str(model_dir), "magnitude", pattern, out=out, device="cpu", progress=False)
+    return out
+
+
+def slorb_run(model_dir: Path, text: Path, out: Path) -> Path:
+    """A 2-step AST-Boosted run (SLoRB with trainable X) of a tiny model on ``text``."""
+    from semisparse.train import trainer
+
+    overrides = {
+        "data.train": str(text), "train.tokens": 2 * 2 * 16, "train.seq_len": 16, "train.batch_size": 2,
+        "eval.windows": 1, "eval.every": 0, "eval.at_start": False, "eval.at_end": False, "checkpoint.every": 0,
+        "log.plots": False, "init.calib_samples": 4, "optim.lr": 1e-2, "slorb.k": 8,
+    }
+    trainer.train(str(model_dir), out, "ast-boosted", overrides, progress=False)
+    return out
