@@ -15,14 +15,18 @@ One optimizer step t (0-based) is:
      α·T²·KL + (1−α)·CE (distill.py), backward of loss / grad_accum. A non-finite loss stops the run.
   3. clip the global grad norm; variant "grad" adds λ·(¬M⊙W) to the masked weights' gradients; optimizer step
      (variant "adamw_decoupled": MaskedAdamW puts λ·(¬M⊙W) in the update and 2nd moment).
-  4. masks: if t % Δt == 0 (and after the last step), recompute every mask from |W| and log the flip rates.
+  4. masks: if t % Δt == 0 (and after the last step), recompute every mask from |W| and log the flip rates
+     (mask.timing "before", CAST: before step t's forward instead, and after the last step).
   5. log; every eval.every steps held-out perplexity; every checkpoint.every steps a checkpoint.
 
 Metrics lines (``metrics.jsonl``; "step" is the 0-based index of the optimizer step just taken, "tokens" the
 global training tokens seen after it):
   {"step", "tokens", "loss", "ce", "kl", "lr", "lambda", "grad_norm", "tokens_per_s", "teacher_s", "step_s"}
   {"step", "flip_rate", "init_flip_rate", "flips", "init_flips"}   (flips vs the previous mask / vs M0, divided by
-                                                                     the dense parameter count of the sparse layers)
+                                                                     the dense parameter count of the sparse layers;
+                                                                     + "when" and, with a dense forward,
+                                                                     "pruned_abs_max")
+  step records of AdamS runs also carry "decay_mix" (its α)
   {"step", "tokens", "eval_ppl"}                                    (step -1: before training)
 
 Multi-process ready (a later issue wraps the model in FSDP/DDP): the token stream is sharded by rank, masks are
@@ -90,7 +94,7 @@ from semisparse.train.sparse_linear import (
     slorb_parameter_count,
     sparsify,
 )
-from semisparse.train.stream import TokenBatches, dist_info
+from semisparse.train.stream import dist_info
 
 M0_PREFIX = "m0."
 
