@@ -26,7 +26,7 @@ class PruningMethod(Protocol):
     name: str
     needs_calibration: bool
 
-    def new_stats(self, in_features: int) -> object: ...
+    def new_stats(self, in_features: int, device: torch.device | None = None) -> object: ...
 
     def observe(self, stats: object, x: torch.Tensor) -> None: ...
 
@@ -140,7 +140,7 @@ def prune_model(
                     seen.append((x, name))
                 if owner[name] == name:
                     if name not in stats:
-                        stats[name] = method.new_stats(in_features(module))
+                        stats[name] = method.new_stats(in_features(module), x.device)  # summed where x lives
                     method.observe(stats[name], layer_input(module, x))
 
             return hook

@@ -12,7 +12,7 @@ class Magnitude:
     needs_calibration = False
     tie_order = "stable"
 
-    def new_stats(self, in_features: int) -> None:
+    def new_stats(self, in_features: int, device=None) -> None:
         return None
 
     def observe(self, stats: None, x: torch.Tensor) -> None:  # pragma: no cover - never called

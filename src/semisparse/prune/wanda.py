@@ -17,11 +17,11 @@ class Wanda:
     needs_calibration = True
     tie_order = "stable"
 
-    def new_stats(self, in_features: int) -> torch.Tensor:
-        return torch.zeros(in_features, dtype=torch.float64)
+    def new_stats(self, in_features: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.zeros(in_features, dtype=torch.float64, device=device)  # on the inputs' device
 
     def observe(self, stats: torch.Tensor, x: torch.Tensor) -> None:
-        stats += x.double().pow(2).sum(0).cpu()
+        stats += x.double().pow(2).sum(0).to(stats.device)
 
     def prune(self, weight: torch.Tensor, stats: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         mask = nm_mask(wanda_scores(weight, stats.to(weight.device)), pattern, self.tie_order)
