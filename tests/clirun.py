@@ -30,16 +30,16 @@ def run_subprocess(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedP
 
 
 #: Python source to start a script with: single-threaded, every optimizer step 0.25 s longer (through
-#: trainer.lr_at), so a test can SIGKILL a run after a given checkpoint and before it ends.
+#: the lr schedule, schedules.lr_at), so a test can SIGKILL a run after a given checkpoint and before it ends.
 SLOW_STEPS_PRELUDE = """
 import sys, time, torch
 torch.set_num_threads(1)
-from semisparse.train import trainer
-_lr_at = trainer.lr_at
+from semisparse.train import schedules, trainer
+_lr_at = schedules.lr_at
 def _slow_lr_at(*a, **k):
     time.sleep(0.25)
     return _lr_at(*a, **k)
-trainer.lr_at = _slow_lr_at
+schedules.lr_at = _slow_lr_at
 """
 
 

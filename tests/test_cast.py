@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from semisparse.config import load_recipe
 from semisparse.errors import UserError
 from semisparse.masks import is_nm, nm_mask
+from semisparse.train import setup as train_setup
 from semisparse.train import trainer
 from semisparse.train.optim import AdamS, decay_lambda, set_adams_alpha, set_srste_lambda
 from semisparse.train.sparse_linear import SparseLinear, masked_forward, sparse_layers
@@ -252,7 +253,7 @@ def test_recipe_fields_that_cannot_work_together_are_one_line_errors(tmp_path, t
         load_recipe("cast", {"slorb.enabled": True})
     # The tiny model's layers are 64 and 128 wide: 3 blocks x M = 12 divides neither. Refused from the config's
     # shapes, before any weight loads.
-    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_setup, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match=r"layer model\.layers\.0\..* has input width \d+, .*scale.blocks x M = 12"):
         _train(tmp_path, tiny_dir, text, steps=2, scale__blocks=3)
     assert not (tmp_path / "cast").exists()  # nothing written

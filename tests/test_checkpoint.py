@@ -1,5 +1,5 @@
 """Checkpoints: round trip of model/optimizer/RNG state, atomic writes, keep-last-N, and refusal of truncated or
-modified checkpoints with one clear line (train/checkpoint.py)."""
+modified checkpoints with one clear line (train/checkpoint.py). Across process counts: tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -65,15 +65,29 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     assert param_masks(fresh)[fresh[0].weight] is fresh[0].mask
 
 
-def test_files_are_safetensors_and_json_only(tmp_path):
+def test_files_are_dcp_shards_safetensors_and_json(tmp_path):
+    """The model and optimizer go through torch.distributed.checkpoint (one shard file per process, here one),
+    the rest is safetensors and JSON; the manifest hashes every file, the DCP ones included."""
     model, opt = _trained()
     path = _save(tmp_path, 1, model, opt)
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    assert set(manifest["files"]) == {ckpt.MODEL_FILE, ckpt.OPTIM_TENSORS, ckpt.OPTIM_JSON, ckpt.RNG_FILE,
+    assert manifest["format"] == ckpt.FORMAT == 2
+    assert set(manifest["files"]) == {ckpt.DCP_METADATA, f"{ckpt.DCP_DIR}/__0_0.distcp", ckpt.RNG_FILE,
                                       ckpt.EXTRA_FILE, ckpt.STATE_FILE}
-    for name in manifest["files"]:
-        assert name.endswith((".safetensors", ".json"))
-        assert len(manifest["files"][name]["sha256"]) == 64
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {ckpt.MANIFEST}
+    assert on_disk == set(manifest["files"])
+    for name, info in manifest["files"].items():
+        assert len(info["sha256"]) == 64 and info["bytes"] == (path / name).stat().st_size
+
+
+def test_format_1_checkpoint_is_refused_with_a_reason(tmp_path):
+    model, opt = _trained()
+    path = _save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    (path / ckpt.MANIFEST).write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(UserError) as exc:
+        ckpt.load_checkpoint(path, _model(), None)
+    assert "older semisparse (format 1" in _one_line(exc) and "--overwrite" in str(exc.value)
 
 
 def test_keep_last_n_and_leftovers_ignored(tmp_path):
@@ -106,7 +120,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 def test_damaged_checkpoint_is_refused(tmp_path, damage, message):
     model, opt = _trained()
     path = _save(tmp_path, 2, model, opt)
-    target = path / ckpt.MODEL_FILE
+    target = path / ckpt.DCP_DIR / "__0_0.distcp"
     data = target.read_bytes()
     if damage == "truncate":
         target.write_bytes(data[: len(data) // 2])
@@ -130,7 +144,7 @@ def test_latest_valid_checkpoint_skips_a_damaged_newer_one(tmp_path):
     model, opt = _trained()
     _save(tmp_path, 2, model, opt, keep=5)
     newest = _save(tmp_path, 4, model, opt, keep=5)
-    blob = newest / ckpt.OPTIM_TENSORS
+    blob = newest / ckpt.DCP_DIR / "__0_0.distcp"
     blob.write_bytes(blob.read_bytes()[:-10])
     warnings = []
     assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append).name == "step-000002"

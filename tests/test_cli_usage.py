@@ -100,12 +100,36 @@ def test_set_keeps_an_nm_pattern_a_string(tmp_path, llama_dir, text, cli):
     assert json.loads((tmp_path / "a" / "run.json").read_text())["recipe"]["pattern"] == "1:4"
 
 
-def test_more_than_one_process_is_refused(tmp_path, llama_dir, text, cli, monkeypatch):
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, llama_dir, text, cli,
+                                                                           monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in every process it starts
     monkeypatch.setenv("RANK", "0")
-    r = cli(*_train_args(llama_dir, tmp_path / "a", text, "--tokens", 64))
-    assert r.returncode == 2 and "one process" in r.stderr and "torchrun" in r.stderr
+    r = cli(*_train_args(llama_dir, tmp_path / "a", text, "--tokens", 64, "--grad-accum", 3))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "train.grad_accum 3 is not a multiple of the 2 processes" in r.stderr and "--grad-accum" in r.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_an_fsdp_option_that_needs_cuda_is_refused_on_cpu(tmp_path, llama_dir, text, cli):
+    r = cli(*_train_args(llama_dir, tmp_path / "a", text, "--tokens", 64, "--device", "cpu", "--set",
+                         "fsdp.offload=true"))
+    assert r.returncode == 2 and "fsdp.offload" in r.stderr and "needs CUDA" in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 4 on a node with 2 visible GPUs: process 3 says so instead of failing in NCCL."""
+    import torch
+
+    from semisparse.errors import UserError
+    from semisparse.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(UserError) as exc:
+        distributed._local_device("auto")
+    assert "process 3 of this node has no GPU" in str(exc.value) and "the 2 visible CUDA device(s)" in str(exc.value)
 
 
 def _copa_only(tmp_path):

@@ -26,3 +26,166 @@ def test_masked_optimizers_and_mask_recompute_on_fsdp2_shards_equal_one_process(
     assert proc.returncode == 0, proc.stderr[-3000:]
     status, count = out.read_text().split()
     assert status == "OK" and int(count) > 40
+
+
+# ------------------------------------------------------------------------------------------- the trainer, 2 processes
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from semisparse.train import checkpoint as ckpt  # noqa: E402
+from semisparse.train import trainer  # noqa: E402
+
+BATCH, SEQ, ACCUM = 2, 16, 2
+SCRIPT = HERE / "distributed" / "train_script.py"
+
+
+def _fields(text, steps: int, **extra) -> dict:
+    """A tiny KD run with every moving part on: mask recomputes every 2 steps, a strong decay, in-training
+    evaluation, checkpoints every 2 steps. fp32, so both sides compute the same micro-batches the same way."""
+    fields = {
+        "data.train": str(text), "train.tokens": steps * BATCH * ACCUM * SEQ, "train.seq_len": SEQ,
+        "train.batch_size": BATCH, "train.grad_accum": ACCUM, "train.precision": "fp32", "eval.windows": 1,
+        "eval.every": 3, "eval.at_start": True, "eval.at_end": True, "checkpoint.every": 2, "checkpoint.keep": 10,
+        "log.plots": False, "log.tensorboard": False, "mask.every": 2, "optim.lr": 1e-3, "decay.lambda_max": 1e-2,
+        "decay.ramp": 0, "init.calib_samples": 4,
+    }
+    return {**fields, **extra}
+
+
+def _one_process(tiny_dir, out, recipe, fields):
+    torch.set_num_threads(1)  # as the torchrun processes
+    return trainer.train(str(tiny_dir), out, recipe, fields, progress=False)
+
+
+def _script(*args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    return torchrun(SCRIPT, *map(str, args), nproc=nproc, timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    skip = ("tokens_per_s", "teacher_s", "step_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in skip}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
+    """Two run directories hold the same model: weights within ``atol``, identical masks, the same metrics records
+    (losses and perplexities within 1e-5 relative).
+
+    Tolerance: FSDP2 reduce-scatters (and averages) the gradients of two micro-batches that one process sums one
+    after the other: float32 additions in another order, ~1e-7 relative per step; Adam's normalisation can enlarge
+    that for gradients near zero, so a few steps of lr 1e-3 stay well inside 1e-5."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=atol, rtol=0), (key, (wa[key] - wb[key]).abs().max())
+    ma, mb = load_file(str(a / "masks.safetensors")), load_file(str(b / "masks.safetensors"))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    ra, rb = _metrics(a), _metrics(b)
+    assert [sorted(r) for r in ra] == [sorted(r) for r in rb]
+    for x, y in zip(ra, rb):
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (x["step"], key)
+            else:
+                assert y[key] == value, (x["step"], key)
+
+
+@pytest.mark.parametrize("recipe", ["ast-naive", "cast"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_dir, text, recipe):
+    """`torchrun --nproc-per-node 2 -m semisparse train` (FSDP2, gloo): each process runs 1 of the 2 micro-batches
+    of a step; the run directory equals a one-process run's with grad_accum 2 (masks exactly, weights within float
+    rounding), and only rank 0 wrote files: the same file set, one metrics line per record."""
+    fields = _fields(text, steps=6, **({"scale.blocks": 2} if recipe == "cast" else {}))
+    one = _one_process(tiny_dir, tmp_path / "one", recipe, fields)
+    sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in fields.items()]
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "semisparse",
+         "train", str(tiny_dir), "--out", str(two), "--recipe", recipe, "--no-progress", *sets],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes (FSDP2)" in proc.stdout
+    _assert_same_run(one.run_dir, two)
+    files = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if "checkpoints" not in p.parts)
+    assert files(two) == files(one.run_dir)
+    meta = json.loads((two / "semisparse.json").read_text())
+    assert meta["world_size"] == 2 and meta["tokens"] == one.summary["tokens"]
+    # Each checkpoint holds one shard file per process.
+    shards = sorted(p.name for p in (two / "checkpoints" / "step-000004" / ckpt.DCP_DIR).glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_always_wraps_a_single_torchrun_process_and_changes_nothing(tmp_path, tiny_dir, text):
+    """`torchrun --nproc-per-node 1` with fsdp.always (what the GPU suite times to show the wrapper's cost): FSDP2
+    on one process trains exactly as the unwrapped run; without torchrun the option is refused in one line."""
+    fields = _fields(text, steps=4)
+    plain = _one_process(tiny_dir, tmp_path / "plain", "ast-naive", fields).run_dir
+    proc = _script(tiny_dir, tmp_path / "wrapped", "ast-naive", json.dumps({**fields, "fsdp.always": True}), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 process (FSDP2)" in proc.stdout
+    _assert_same_run(plain, tmp_path / "wrapped")
+    from semisparse.errors import UserError
+
+    with pytest.raises(UserError, match="fsdp.always wraps one process with FSDP2 under torchrun"):
+        trainer.train(str(tiny_dir), tmp_path / "refused", "ast-naive", {**fields, "fsdp.always": True},
+                      progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
+def _drop_after(run_dir: Path, step: int) -> None:
+    """Make a finished run look stopped at ``step``: later checkpoints and the run's results removed."""
+    for path in ckpt.list_checkpoints(run_dir / ckpt.DIR_NAME):
+        if int(path.name[len(ckpt.PREFIX):]) > step:
+            import shutil
+
+            shutil.rmtree(path)
+    for name in ("semisparse.json", "model.safetensors", "masks.safetensors"):
+        (run_dir / name).unlink()
+
+
+def test_checkpoints_resume_at_another_process_count(tmp_path, tiny_dir, text):
+    """A 2-process checkpoint continued by 1 process, and a 1-process checkpoint continued by 2, end where the
+    uninterrupted run ends (SLoRB on: its S and X are sharded parameters too)."""
+    fields = _fields(text, steps=6, **{"slorb.k": 8})
+    reference = _one_process(tiny_dir, tmp_path / "reference", "ast-boosted", fields).run_dir
+
+    two_then_one = tmp_path / "two-then-one"
+    proc = _script(tiny_dir, two_then_one, "ast-boosted", json.dumps(fields))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _drop_after(two_then_one, 2)
+    resumed = trainer.train(str(tiny_dir), two_then_one, None, {}, resume=True, progress=False)
+    assert Path(resumed.summary["resumed_from"]).name == "step-000002"
+    _assert_same_run(reference, two_then_one)
+
+    one_then_two = tmp_path / "one-then-two"
+    _one_process(tiny_dir, one_then_two, "ast-boosted", fields)
+    _drop_after(one_then_two, 4)
+    proc = _script(tiny_dir, one_then_two, "ast-boosted", "{}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 1 processes, continued by 2" in proc.stdout
+    _assert_same_run(reference, one_then_two)
+
+
+def test_a_killed_process_ends_the_job_and_the_run_resumes(tmp_path, tiny_dir, text):
+    """Rank 1 SIGKILLs itself after step 2 (a checkpoint exists at step 2): the job ends non-zero well before the
+    collective timeout, rank 0 wrote no run results; `--resume` under torchrun finishes the run as if uninterrupted."""
+    fields = _fields(text, steps=6)
+    out = tmp_path / "killed"
+    start = time.perf_counter()
+    proc = _script(tiny_dir, out, "ast-naive", json.dumps(fields), "--kill-rank", "1", "--kill-after", "2")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert f"exitcode  : -{int(signal.SIGKILL)}" in proc.stderr or "Signal 9" in proc.stderr, proc.stderr[-2000:]
+    assert elapsed < 120  # torchrun ends the other process at once; the collective timeout is 600 s
+    assert not (out / "semisparse.json").exists()
+    assert ckpt.latest_checkpoint(out / ckpt.DIR_NAME).name == "step-000002"
+    proc = _script(tiny_dir, out, "ast-naive", "{}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = _one_process(tiny_dir, tmp_path / "reference", "ast-naive", fields).run_dir
+    _assert_same_run(reference, out)

@@ -23,6 +23,7 @@ from semisparse.layers import select_layers, weight_matrix
 from semisparse.masks import is_nm, nm_mask
 from semisparse.models import load_model
 from semisparse.train import checkpoint as ckpt
+from semisparse.train import setup as train_setup
 from semisparse.train import trainer
 from semisparse.train.sparse_linear import SparseLinear, slorb_parameter_count, sparse_layers
 from semisparse.train.stream import TokenBatches
@@ -186,14 +187,14 @@ def test_frozen_mask_never_changes(tmp_path, tiny_dir, text, monkeypatch):
 
     dense = {n: weight_matrix(m).clone() for n, m in select_layers(make_llama()).items()}
     masks_ref: list[torch.Tensor] = []
-    original_sparsify = trainer.sparsify
+    original_sparsify = train_setup.sparsify
 
     def sparsify(*args, **kwargs):
         layers = original_sparsify(*args, **kwargs)
         masks_ref.extend(layer.mask for layer in layers.values())
         return layers
 
-    monkeypatch.setattr(trainer, "sparsify", sparsify)
+    monkeypatch.setattr(train_setup, "sparsify", sparsify)
     monkeypatch.setattr(MaskedAdamW, "step", step)
     result = run(tmp_path, tiny_dir, text, steps=12, recipe="fixed-mask-kd")
     m0 = [nm_mask(w.abs(), "2:4") for w in dense.values()]
@@ -206,7 +207,7 @@ def test_frozen_mask_never_changes(tmp_path, tiny_dir, text, monkeypatch):
 
 def _dense_after(run_dir: Path, steps: int) -> tuple[dict, dict]:
     path = run_dir / "checkpoints" / ckpt.step_dir_name(steps)
-    state = load_file(str(path / ckpt.MODEL_FILE))
+    state = ckpt.read_model_state(path)
     m0 = {k[len("m0."):]: v for k, v in ckpt.read_extra(path).items()}
     return {n: state[f"{n}.weight"] for n in m0}, m0
 
@@ -230,8 +231,8 @@ def test_decay_shrinks_only_pruned_weights(tmp_path, tiny_dir, text, variant):
 
 def test_distillation_on_and_off(tmp_path, tiny_dir, text, monkeypatch):
     loads = []
-    original = trainer.load_model
-    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a[0]) or original(*a, **k))
+    original = train_setup.load_model
+    monkeypatch.setattr(train_setup, "load_model", lambda *a, **k: loads.append(a[0]) or original(*a, **k))
     kd = run(tmp_path, tiny_dir, text, steps=3, name="kd")
     for r in (r for r in metrics(kd.run_dir) if "loss" in r):
         assert r["kl"] is not None and r["teacher_s"] > 0
@@ -289,12 +290,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
     assert int(Path(resumed.summary["resumed_from"]).name[len("step-"):]) >= 4
 
     final = ckpt.step_dir_name(steps)
-    for name in (ckpt.MODEL_FILE, ckpt.OPTIM_TENSORS, ckpt.RNG_FILE, ckpt.EXTRA_FILE):
-        a = load_file(str(killed / "checkpoints" / final / name))
-        b = load_file(str(tmp_path / "reference" / "checkpoints" / final / name))
-        assert a.keys() == b.keys()
+    for read in (ckpt.read_tensors, lambda p: load_file(str(p / ckpt.RNG_FILE)), ckpt.read_extra):
+        a = read(killed / "checkpoints" / final)  # model, optimizer moments, RNG, M0
+        b = read(tmp_path / "reference" / "checkpoints" / final)
+        assert a.keys() == b.keys() and a
         for key in a:
-            assert torch.equal(a[key], b[key]), (name, key)
+            assert torch.equal(a[key], b[key]), key
     for name in ("model.safetensors", "masks.safetensors", "slorb.safetensors"):
         a, b = load_file(str(killed / name)), load_file(str(tmp_path / "reference" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -305,7 +306,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
 
 def test_resume_refuses_a_corrupted_checkpoint(tmp_path, tiny_dir, text, monkeypatch, capsys):
     result = run(tmp_path, tiny_dir, text, steps=2, checkpoint__every=2)
-    blob = result.run_dir / "checkpoints" / "step-000002" / ckpt.MODEL_FILE
+    blob = result.run_dir / "checkpoints" / "step-000002" / ckpt.DCP_DIR / "__0_0.distcp"
     blob.write_bytes(blob.read_bytes()[:-100])
     from semisparse import cli
 
@@ -315,7 +316,7 @@ def test_resume_refuses_a_corrupted_checkpoint(tmp_path, tiny_dir, text, monkeyp
         cli.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1
-    assert "step-000002 is corrupted: model.safetensors has" in err[0] and "truncated" in err[0]
+    assert "step-000002 is corrupted: dcp/__0_0.distcp has" in err[0] and "truncated" in err[0]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, text, monkeypatch):
@@ -383,7 +384,7 @@ def test_one_shot_init_pruned_weight_start(start):
     cfg, _ = load_recipe("ast-naive", {"init.source": "sparsegpt", "init.pruned_weights": start, "train.tokens": 1,
                                        "init.calib_samples": 2})
     stream = torch.randint(0, 300, (400,), generator=torch.Generator().manual_seed(0))
-    masks = trainer._init_masks(net, cfg, stream, 32, "cpu", progress=False)
+    masks = train_setup.init_masks(net, cfg, stream, 32, "cpu", progress=False)
     for name, module in select_layers(net).items():
         w, mask = weight_matrix(module), masks[name]
         assert is_nm(mask, "2:4")

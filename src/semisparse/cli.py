@@ -216,7 +216,8 @@ def train(
     ),
     seqlen: Optional[int] = typer.Option(None, help="Training sequence length (default: recipe)."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch (default: recipe)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default: recipe)."),
+    grad_accum: Optional[int] = typer.Option(
+        None, help="Micro-batches per optimizer step, all processes together (default: recipe)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: recipe)."),
     alpha: Optional[float] = typer.Option(None, help="Distillation weight α, 0 to 1; 0 = CE only (default: recipe)."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order and initialisation (default: recipe)."),

@@ -156,10 +156,12 @@ class OptimConfig(StrictSection):
 
 
 class TrainConfig(StrictSection):
-    tokens: int | None = Field(None, gt=0, description="training budget; steps = tokens // (batch·accum·seq·world)")
+    tokens: int | None = Field(None, gt=0, description="training budget; steps = tokens // (batch·accum·seq)")
     seq_len: int = Field(1024, ge=2)
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: int = Field(
+        1, gt=0, description="micro-batches per optimizer step, all processes together (each of W processes runs "
+        "grad_accum / W): the global batch, batch_size x grad_accum sequences, does not depend on W")
     seed: int = 1337
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -216,6 +218,22 @@ class CheckpointConfig(StrictSection):
     at_end: bool = True
 
 
+class FsdpConfig(StrictSection):
+    """Many processes (torchrun): the student sharded by FSDP2 ``fully_shard`` per decoder block and at the root."""
+
+    reshard_after_forward: bool = Field(
+        True, description="free each block's gathered weights after its forward (less memory, one more all-gather "
+        "in backward)")
+    offload: bool = Field(False, description="keep parameters and optimizer state in CPU memory (CUDA runs only)")
+    shard_teacher: bool = Field(
+        False, description="shard the frozen teacher too, for models whose bf16 copy does not fit one device "
+        "(default: a full copy per process, no communication)")
+    timeout_s: int = Field(600, gt=0, description="a collective waiting longer ends the job (a dead process)")
+    always: bool = Field(
+        False, description="wrap with FSDP2 even when torchrun starts one process (to measure the wrapper's cost); "
+        "needs torchrun")
+
+
 class Recipe(StrictSection):
     description: str = ""
     pattern: str = "2:4"
@@ -231,6 +249,7 @@ class Recipe(StrictSection):
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    fsdp: FsdpConfig = FsdpConfig()
 
     _check_pattern = field_validator("pattern")(nm_pattern)
 

@@ -1,24 +1,28 @@
-"""Training checkpoints: atomic save, verification, resume. Nothing is ever unpickled.
+"""Training checkpoints: atomic save, verification, resume at any number of processes.
 
 A checkpoint is a folder ``RUN/checkpoints/step-NNNNNN`` (NNNNNN = optimizer steps completed) holding:
 
-- ``model.safetensors``: the student's state dict (dense weights, bool mask buffers, SLoRB S/X, everything else);
-  tied tensors are stored once (``safetensors.torch.save_model``);
-- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensor state (``"<param index>/<key>"``) and its
-  param groups and non-tensor state;
-- ``rng.safetensors``: the torch CPU (and CUDA) generator states;
+- ``dcp/``: the student's and the optimizer's state through ``torch.distributed.checkpoint`` (DCP): each process
+  writes its own shards, keyed by parameter name and global offsets, so a checkpoint written by 2 processes loads
+  into 1 (or 8) and the reverse; one process writes one file. Weights, bool mask buffers, SLoRB S/X, CAST's weight
+  scales and every optimizer moment are in it;
+- ``rng.safetensors``: rank 0's torch CPU (and CUDA) generator states;
 - ``extra.safetensors``: trainer tensors such as the initial masks M0 (for the flip rate vs M0);
 - ``state.json``: step, tokens, data position, python/numpy RNG states and whatever the trainer adds;
 - ``manifest.json`` (written last): format version, step and the sha256 + size of every other file.
 
-Saving writes into a hidden temporary folder, fsyncs every file and the folder, then renames it into place
-(``rundir.atomic_dir``), so a killed job leaves either a complete checkpoint or a hidden leftover (ignored and
-cleaned up later). Loading
-re-hashes every file: a truncated or modified checkpoint is refused with a one-line ``UserError``.
+Saving (every process calls it): rank 0 makes a hidden staging folder, every process writes its DCP shards into it,
+then rank 0 adds the rest, fsyncs every file and renames the folder into place (``rundir.atomic_dir``), so a killed
+job leaves either a complete checkpoint or a hidden leftover (ignored and cleaned up later). Loading re-hashes every
+file (rank 0): a truncated or modified checkpoint is refused with a one-line ``UserError``.
+
+DCP's ``.metadata`` is a pickle (torch's format, not ours): checkpoints are for resuming your own runs; the run
+directory's safetensors files are what to share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -28,19 +32,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from semisparse import rundir
 from semisparse.errors import UserError
+from semisparse.train.distributed import Dist, barrier, broadcast
 
-FORMAT = 1
+FORMAT = 2  # 1: one-process safetensors files (semisparse < 0.2), not readable any more
 DIR_NAME = rundir.CHECKPOINTS_DIR
 PREFIX = "step-"
 MANIFEST = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIM_TENSORS = "optimizer.safetensors"
-OPTIM_JSON = "optimizer.json"
+DCP_DIR = "dcp"  # model + optimizer, torch.distributed.checkpoint
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 RNG_FILE = "rng.safetensors"
 EXTRA_FILE = "extra.safetensors"
 STATE_FILE = "state.json"
@@ -72,34 +76,6 @@ def step_dir_name(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ state pieces
-
-
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into safetensors-able tensors and a JSON document."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, dict] = {}
-    for pid, entries in sd["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "state": plain}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], doc: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, tensor in tensors.items():
-        pid, _, key = name.partition("/")
-        state.setdefault(int(pid), {})[key] = tensor
-    for pid, entries in doc.get("state", {}).items():
-        state.setdefault(int(pid), {}).update(entries)
-    groups = [dict(g) for g in doc["param_groups"]]
-    for group in groups:  # JSON turned tuples into lists
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": groups}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -136,6 +112,26 @@ def set_rng_state(tensors: dict[str, torch.Tensor], doc: dict) -> None:
 # ------------------------------------------------------------------------------------------------ save
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call in a process without a process group; one process is a supported case here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Model (and optimizer) state keyed by parameter names, as DTensor shards under FSDP2: what DCP reshards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -144,34 +140,44 @@ def save_checkpoint(
     state: dict,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
+    dist: Dist = Dist(),
 ) -> Path:
     """Write ``root/step-NNNNNN`` atomically and keep the newest ``keep`` checkpoints. Returns its path.
 
+    Every process calls this (the DCP write is collective); rank 0 alone writes the other files and renames.
     ``state`` is the trainer's JSON-able state (step, tokens, data position, ...); RNG states are added here.
     """
+    import torch.distributed.checkpoint as dcp
+
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    # Staged in root/.tmp-<name>-<pid>; the same step saved again (the end of a resumed, finished run) is swapped
-    # in through root/.old-<name>-<pid>. Files are fsynced here, before hashing, hence fsync=False.
-    with rundir.atomic_dir(final, replace=True, fsync=False, stage_prefix=_TMP_PREFIX, old_prefix=_OLD_PREFIX) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
-        opt_tensors, opt_doc = optimizer_to_files(optimizer)
-        save_file(opt_tensors, str(tmp / OPTIM_TENSORS))
-        _write_json(tmp / OPTIM_JSON, opt_doc)
-        rng_tensors, rng_doc = rng_state()
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
-        save_file({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()}, str(tmp / EXTRA_FILE))
-        _write_json(tmp / STATE_FILE, {**state, "step": step, "rng": rng_doc})
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            rundir.fsync_file(path)
-            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "created": time.time(), "files": files})
-        rundir.fsync_file(tmp / MANIFEST)
-        rundir.fsync_dir(tmp)
-    for stale in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+    # Staged in root/.tmp-<name>-<pid of rank 0>; the same step saved again (the end of a resumed, finished run) is
+    # swapped in through root/.old-<name>-<pid>. Files are fsynced here, before hashing, hence fsync=False.
+    staging = (rundir.atomic_dir(final, replace=True, fsync=False, stage_prefix=_TMP_PREFIX, old_prefix=_OLD_PREFIX)
+               if dist.is_main else contextlib.nullcontext())
+    with staging as tmp:
+        tmp = Path(broadcast(dist, str(tmp) if tmp is not None else None))
+        with _quiet_single_process():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+        barrier(dist)  # every shard is on disk
+        if dist.is_main:
+            rng_tensors, rng_doc = rng_state()
+            save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+            save_file({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
+                      str(tmp / EXTRA_FILE))
+            _write_json(tmp / STATE_FILE, {**state, "step": step, "rng": rng_doc})
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rundir.fsync_file(path)
+                files[path.relative_to(tmp).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "created": time.time(), "files": files})
+            rundir.fsync_file(tmp / MANIFEST)
+            rundir.fsync_dir(tmp / DCP_DIR)
+            rundir.fsync_dir(tmp)
+    if dist.is_main:
+        for stale in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier(dist)  # nobody reads or resumes before the rename
     return final
 
 
@@ -211,9 +217,10 @@ def verify_checkpoint(path: Path) -> dict:
         step = int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted: unreadable {MANIFEST} ({type(exc).__name__})") from exc
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}, expected {FORMAT}")
-    for name in (MODEL_FILE, OPTIM_TENSORS, OPTIM_JSON, RNG_FILE, EXTRA_FILE, STATE_FILE):
+    if manifest.get("format") == 1:
+        raise CheckpointError(f"checkpoint {path} was written by an older semisparse (format 1, one process): "
+                              "start the run over with --overwrite")
+    for name in (DCP_METADATA, RNG_FILE, EXTRA_FILE, STATE_FILE):
         if name not in files:
             raise CheckpointError(f"checkpoint {path} is corrupted: {MANIFEST} does not list {name}")
     for name, info in files.items():
@@ -230,6 +237,8 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its sha256 in {MANIFEST}")
     if path.name != step_dir_name(step):
         raise CheckpointError(f"checkpoint {path} is corrupted: its manifest says step {step}")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
 
 
@@ -255,25 +264,62 @@ def read_state(path: Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's DCP part, whole (gathered from every process's shards), by its flat key
+    (``model.<parameter>``, ``optim.state.<parameter>.exp_avg``, ...), without building a model or an optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
+    entries = reader.read_metadata().state_dict_metadata
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in entries.items() if isinstance(meta, TensorStorageMetadata)}
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=reader)
+    return state
+
+
+def read_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The student's whole state dict (parameter name -> tensor) in a checkpoint: for inspection and tests."""
+    return {key[len("model."):]: t for key, t in read_tensors(path).items() if key.startswith("model.")}
+
+
 def read_extra(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / EXTRA_FILE))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Verify ``path``, load the model (in place) and optimizer states, restore the RNGs; return state.json."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    dist: Dist = Dist()) -> dict:
+    """Verify ``path`` (rank 0), load the model (in place) and optimizer states into this process's shards, restore
+    the RNGs; return state.json. Every process calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
     path = Path(path)
-    verify_checkpoint(path)
-    try:
-        load_model(model, str(path / MODEL_FILE), strict=True)
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the model ({' '.join(s.strip() for s in first[:2])})"
-        ) from exc
-    if optimizer is not None:
-        doc = json.loads((path / OPTIM_JSON).read_text())
+    problem = None
+    if dist.is_main:
         try:
-            optimizer.load_state_dict(optimizer_from_files(load_file(str(path / OPTIM_TENSORS)), doc))
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            problem = str(exc)
+    problem = broadcast(dist, problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+    target = _dcp_state(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=str(path / DCP_DIR))
+    except (CheckpointException, RuntimeError, ValueError) as exc:  # keys or shapes that do not match
+        first = [s.strip() for s in str(exc).strip().splitlines() if s.strip()]
+        hint = next((s for s in first if "key" in s.lower() or "size" in s.lower() or "shape" in s.lower()),
+                    first[0] if first else type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit the model ({hint[:300]})") from exc
+    if optimizer is None:
+        set_model_state_dict(model, target["model"])
+    else:
+        try:
+            set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
     state = read_state(path)

@@ -182,8 +182,21 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def pruned_abs_max(self) -> float:
-        """The largest |weight| (scaled) among the pruned entries: what a hard prune with the current mask cuts."""
-        pruned = self.scaled_weight().detach().abs().masked_fill(self.mask, 0)
+        """The largest |weight| (scaled) among the pruned entries: what a hard prune with the current mask cuts.
+        Sharded by FSDP2: over this process's rows (the trainer takes the maximum over processes)."""
+        from torch.distributed.tensor import DTensor
+
+        from semisparse.train.optim import local_rows
+
+        if isinstance(self.weight, DTensor):
+            weight, mask = self.weight.to_local().detach(), local_rows(self.weight, self.mask)
+            if self.weight_scale is not None:
+                scale = self.weight_scale.to_local().detach()
+                n = scale.shape[1]
+                weight = (weight.view(weight.shape[0], n, -1) * scale.unsqueeze(-1)).view_as(weight)
+        else:
+            weight, mask = self.scaled_weight().detach(), self.mask
+        pruned = weight.abs().masked_fill(mask, 0)
         return float(pruned.max()) if pruned.numel() else 0.0
 
     # ----------------------------------------------------------------------------------------------- weight scale

@@ -228,7 +228,9 @@ class TokenBatches:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seq_len", "batch_size", "world_size", "seed", "n_sequences", "fingerprint"):
+        # world_size may differ: the position counts global sequences, so another process count resumes at the
+        # same place (the trainer keeps the global batch fixed)
+        for key in ("seq_len", "batch_size", "seed", "n_sequences", "fingerprint"):
             if state.get(key) != getattr(self, key):
                 raise UserError(
                     f"cannot resume: the training data differ from the checkpoint's ({key}: "

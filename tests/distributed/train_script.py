@@ -1,0 +1,39 @@
+"""Run plainly or under torchrun (CPU, gloo): ``trainer.train(MODEL, OUT, RECIPE, OVERRIDES)`` on one thread.
+
+``--kill-rank R --kill-after S`` makes rank R SIGKILL itself once optimizer step S is done (a process that dies
+mid-run: killed, out of memory); ``--resume`` continues OUT from its newest valid checkpoint."""
+
+import argparse
+import json
+import os
+import signal
+
+import torch
+
+torch.set_num_threads(1)
+
+from semisparse.train import trainer  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("recipe")
+    p.add_argument("overrides", help="JSON object of dotted recipe fields")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-after", type=int, default=-1)
+    args = p.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+
+    def on_step(step: int) -> None:
+        if rank == args.kill_rank and step == args.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.train(args.model, args.out, None if args.resume else args.recipe, json.loads(args.overrides),
+                  resume=args.resume, progress=False, on_step=on_step)
+
+
+if __name__ == "__main__":
+    main()
