@@ -62,18 +62,27 @@ MIXTURE = [{"path": str(C4), "weight": 0.5}, {"path": "default", "weight": 0.5}]
 # - fixed-mask-kd, naive-ce, ast-naive share lr 1e-4 (cosine to 10%): the best of the 99k-token table's lrs for both
 #   the frozen and the adaptive mask (lr 5e-4 let AST's masks move, 3.2e-3 of the weights, and hurt both by ~12 ppl),
 #   so AST differs from the fixed mask by its mask updates and decay alone.
-# - cast keeps a constant lr (the paper's schedule) and needs the pruned weights to reach 0 before the final hard
-#   prune: an Adam-normalised step moves a pruned weight by at most lr per step once the decay dominates its first
-#   moment, so the reach is sum(lr * t/T) = lr * T / 2 = 3e-4 * 488 / 2 = 0.073, 1.3x the median pruned |w| of the
-#   SparseGPT init (0.056 at 99k, measured). lambda = 1e-4, a few times a typical per-weight first moment (the
-#   clipped gradient norm spread over 1.35e8 weights is ~1e-4 RMS, its running mean smaller), so the decay wins
+# - cast keeps a constant lr (the paper's schedule); lambda = 1e-4, a few times a typical per-weight first moment
+#   (the clipped gradient norm spread over 1.35e8 weights is ~1e-4 RMS, its running mean smaller), so the decay wins
 #   once alpha = t/T passes ~0.2 (the paper's 4e-7 is scaled to 7.5k steps of 1M-token batches).
+#   From the SparseGPT run directory the pruned weights start at its zeros: nothing to carry to zero but what the
+#   dense forward's gradients add, so cast gets the lr the other rows peak at, 1e-4.
+#   From the magnitude init the pruned weights start at their dense values and must reach 0 before the final hard
+#   prune: an Adam-normalised step moves a pruned weight by at most lr once the decay dominates its first moment, so
+#   the reach is sum(lr * t/T) = lr * T / 2 = 3e-4 * 488 / 2 = 0.073, 1.3x the median pruned |w| of the magnitude
+#   init (0.056, measured at 99k tokens).
 ROW_SETTINGS = {
-    "fixed-mask-kd": {"optim.lr": 1e-4},
-    "naive-ce": {"optim.lr": 1e-4},
-    "ast-naive": {"optim.lr": 1e-4},
-    "cast": {"optim.lr": 3e-4, "decay.lambda_max": 1e-4},
+    ("fixed-mask-kd", "any"): {"optim.lr": 1e-4},
+    ("naive-ce", "any"): {"optim.lr": 1e-4},
+    ("ast-naive", "any"): {"optim.lr": 1e-4},
+    ("cast", "sparsegpt"): {"optim.lr": 1e-4, "decay.lambda_max": 1e-4},
+    ("cast", "magnitude"): {"optim.lr": 3e-4, "decay.lambda_max": 1e-4},
 }
+
+
+def settings_for(row: dict) -> dict:
+    return ROW_SETTINGS.get((row["recipe"], row["init"])) or ROW_SETTINGS[(row["recipe"], "any")]
+
 
 ROWS = {}
 for seed in (1, 2):
@@ -99,7 +108,7 @@ def row_overrides(args, row: dict) -> dict:
     init = str(sparsegpt_init(args).resolve()) if row["init"] == "sparsegpt" else "magnitude"
     return {**COMMON, "init.source": init, "init.pruned_weights": "dense", "train.tokens": args.tokens,
             "train.seed": row["seed"], "data.sources": MIXTURE, "checkpoint.every": args.ckpt_every,
-            **ROW_SETTINGS[row["recipe"]]}
+            **settings_for(row)}
 
 
 def train_rows(args, names: list[str]) -> None:
@@ -189,7 +198,7 @@ def summarize(args, name: str) -> dict | None:
     steps = [m for m in metrics if "step_s" in m]
     masks = [m for m in metrics if "init_flip_rate" in m]
     return {
-        "row": name, **ROWS[name], "settings": ROW_SETTINGS[ROWS[name]["recipe"]], "wiki_ppl": ev["wiki_ppl"],
+        "row": name, **ROWS[name], "settings": settings_for(ROWS[name]), "wiki_ppl": ev["wiki_ppl"],
         "c4_ppl": ev["c4_ppl"], "zeroshot_mean": ev.get("zeroshot_mean"),
         "final_init_flip_rate": masks[-1]["init_flip_rate"] if masks else 0.0,
         "pruned_abs_max": meta["final"].get("pruned_abs_max"),
@@ -225,7 +234,7 @@ def report(args) -> None:
     plot(rows, RESULTS / "recipe_comparison.png")
     atomic_write_json(RESULTS / "recipe_comparison.json", indent=1, data={
         "machine": machine.describe(), "common": COMMON, "mixture": MIXTURE, "tokens": args.tokens,
-        "row_settings": ROW_SETTINGS, "dense": dense, "sparsegpt_init": init, "rows": rows})
+        "row_settings": {f"{r}/{i}": v for (r, i), v in ROW_SETTINGS.items()}, "dense": dense, "sparsegpt_init": init, "rows": rows})
     print(f"\nresults: {RESULTS / 'recipe_comparison.json'}")
 
 
