@@ -9,11 +9,15 @@ Step times of the trained variants come from the run's metrics.jsonl (step_s), a
 variants alternate in rounds (A B C, C B A, ...) to cancel drift. Goals (issue 18): ast ≥ 0.7 × plain tokens/s and
 ast / fixed-mask step time ≤ 1.05, at each precision.
 
+--compile adds a fourth variant, ast-compiled (`train.compile: true`: torch.compile per decoder block of the student
+and the teacher), whose ratio to ast decides whether the recipe switch pays on this machine (compilation happens in
+the warm-up steps, which are not timed; its cost is printed separately).
+
 --profile runs one more AST run under torch.profiler (after warm-up) and prints the loop's phases (the trainer labels
 them) and the top operators by self CPU time.
 
     .venv/bin/python benchmarks/train_speed.py [--precisions fp32,bf16] [--steps 12] [--warmup 3] [--rounds 2]
-        [--seq-len 256] [--batch-size 4] [--profile] [--out FILE.json]
+        [--seq-len 256] [--batch-size 4] [--compile] [--profile] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
 C4 = DATA / "c4" / "c4_train_shard0_first1000.jsonl"
-RECIPES = {"fixed-mask": "fixed-mask-kd", "ast": "ast-naive"}
+RECIPES = {"fixed-mask": "fixed-mask-kd", "ast": "ast-naive", "ast-compiled": "ast-naive"}
 
 
 def common_overrides(args, precision: str, steps: int) -> dict:
@@ -51,9 +55,12 @@ def run_trainer(args, variant: str, precision: str, steps: int, folder: Path, on
     from semisparse.train.trainer import read_metrics, train
 
     run_dir = folder / f"{variant}-{precision}"
-    train(args.model, run_dir, recipe=RECIPES[variant], overrides=common_overrides(args, precision, steps),
-          overwrite=True, progress=False, on_step=on_step)
+    overrides = {**common_overrides(args, precision, steps), "train.compile": variant == "ast-compiled"}
+    train(args.model, run_dir, recipe=RECIPES[variant], overrides=overrides, overwrite=True, progress=False,
+          on_step=on_step)
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step_s" in r]
+    if variant == "ast-compiled":
+        print(f"[train_speed] ast-compiled: first step (compiles) {records[0]['step_s']:.1f} s", flush=True)
     return [r["step_s"] for r in records if args.warmup <= r["step"] < steps - 1]  # the last step always recomputes
 
 
@@ -122,6 +129,8 @@ def summarize(times: dict, args) -> dict:
             row[variant] = {"n": len(ts), "median_step_s": med, "tokens_per_s": tokens_per_step / med, "step_s": ts}
         row["ast_vs_plain"] = row["ast"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
         row["ast_vs_fixed_step_time"] = row["ast"]["median_step_s"] / row["fixed-mask"]["median_step_s"]
+        if "ast-compiled" in row:
+            row["compiled_vs_ast"] = row["ast-compiled"]["tokens_per_s"] / row["ast"]["tokens_per_s"]
         results[precision] = row
     return results
 
@@ -147,6 +156,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--init", default="magnitude")
     p.add_argument("--data", default=str(C4))
+    p.add_argument("--compile", action="store_true", help="also time ast with train.compile (torch.compile)")
     p.add_argument("--profile", action="store_true", help="also profile one AST run per precision")
     p.add_argument("--top", type=int, default=15, help="operators listed by --profile")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_speed.json")
@@ -160,7 +170,8 @@ def main() -> None:
                   else ["fp32"] + (["bf16"] if native_bf16_cpu() else []))
     per_round = math.ceil(args.steps / args.rounds)
     steps = args.warmup + per_round + 1
-    times: dict[str, dict[str, list[float]]] = {pr: {"plain": [], "fixed-mask": [], "ast": []} for pr in precisions}
+    variants = ["plain", "fixed-mask", "ast"] + (["ast-compiled"] if args.compile else [])
+    times: dict[str, dict[str, list[float]]] = {pr: {v: [] for v in variants} for pr in precisions}
     profiles = []
     settings = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "init": args.init,
                 "data": Path(args.data).name, "warmup": args.warmup, "rounds": args.rounds,
@@ -168,8 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         for precision in precisions:
             for rnd in range(args.rounds):
-                order = ["plain", "fixed-mask", "ast"]
-                for variant in order if rnd % 2 == 0 else order[::-1]:
+                for variant in variants if rnd % 2 == 0 else variants[::-1]:
                     print(f"[train_speed] {precision} round {rnd + 1}/{args.rounds}: {variant}", flush=True)
                     got = (run_plain(args, precision, steps) if variant == "plain"
                            else run_trainer(args, variant, precision, steps, Path(tmp)))
@@ -187,6 +197,10 @@ def main() -> None:
     for precision, row in results.items():
         print(f"| {precision} | {row['plain']['tokens_per_s']:.0f} | {row['fixed-mask']['tokens_per_s']:.0f} | "
               f"{row['ast']['tokens_per_s']:.0f} | {row['ast_vs_plain']:.2f} | {row['ast_vs_fixed_step_time']:.3f} |")
+    for precision, row in results.items():
+        if "compiled_vs_ast" in row:
+            print(f"{precision}: ast-compiled {row['ast-compiled']['tokens_per_s']:.0f} tok/s, "
+                  f"{row['compiled_vs_ast']:.2f}x ast")
     if len(results) == 2 and "fp32" in results and "bf16" in results:
         ratio = results["bf16"]["ast"]["tokens_per_s"] / results["fp32"]["ast"]["tokens_per_s"]
         print(f"\nAST bf16 / fp32 tokens/s: {ratio:.2f}")

@@ -167,6 +167,9 @@ class TrainConfig(StrictSection):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32")
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        False, description="torch.compile each decoder block of the student (and the teacher); on only where "
+        "benchmarks/train_speed.py --compile measures it faster on your hardware")
     deterministic: bool = False
 
 
