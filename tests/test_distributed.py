@@ -96,13 +96,16 @@ def _assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
                 assert y[key] == value, (x["step"], key)
 
 
-@pytest.mark.parametrize("recipe", ["ast-naive", "cast"])
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_dir, text, recipe):
+@pytest.mark.parametrize("recipe,sharded_only", [
+    ("ast-naive", {}), ("cast", {}), ("ast-naive", {"fsdp.shard_teacher": True})])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_dir, text, recipe, sharded_only):
     """`torchrun --nproc-per-node 2 -m semisparse train` (FSDP2, gloo): each process runs 1 of the 2 micro-batches
     of a step; the run directory equals a one-process run's with grad_accum 2 (masks exactly, weights within float
-    rounding), and only rank 0 wrote files: the same file set, one metrics line per record."""
+    rounding), and only rank 0 wrote files: the same file set, one metrics line per record. Also with the teacher
+    sharded (``fsdp.shard_teacher``, which a single process ignores)."""
     fields = _fields(text, steps=6, **({"scale.blocks": 2} if recipe == "cast" else {}))
     one = _one_process(tiny_dir, tmp_path / "one", recipe, fields)
+    fields = {**fields, **sharded_only}
     sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in fields.items()]
     two = tmp_path / "two"
     proc = subprocess.run(
