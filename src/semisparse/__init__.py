@@ -25,8 +25,9 @@ def load(path, device="cpu", dtype=None, backend=None):
     and lm-eval's HFLM work on the result. ``device``: cpu, cuda, cuda:1, auto; ``dtype``: a torch dtype, default
     the export dtype. The tokenizer: ``AutoTokenizer.from_pretrained(path)``. torch is imported on the first call.
     ``backend="cpu"`` (an int8/int4 packed export, on the CPU) runs the sparse layers through torch's weight-only
-    CPU kernels where a short measurement finds them faster (docs/export.md); the choice is printed and kept as
-    ``model.semisparse_backend``.
+    CPU kernels where a short measurement finds them faster (docs/export.md); ``backend="semi-structured"`` (CUDA,
+    2:4) runs them as ``torch.sparse.to_sparse_semi_structured`` weights where they measure faster than dense, and
+    says so and runs dense where it cannot. The choice is printed and kept as ``model.semisparse_backend``.
     """
     from semisparse.devices import resolve_device
     from semisparse.export.load import load_export

@@ -241,8 +241,9 @@ def evaluate(
     another model's results, or is not valid JSON, is refused before the model is loaded.
     ``skip_missing``: with ``task_data``, tasks whose local files are missing are reported under ``missing``
     instead of raising UserError (asking only for missing tasks is always an error).
-    ``backend`` (an exported folder only): "cpu" runs an int8/int4 export through torch's weight-only CPU kernels
-    (``semisparse.load``); the per-layer choice is saved under ``backend`` in the results.
+    ``backend`` (an exported folder only): "cpu" runs an int8/int4 export through torch's weight-only CPU kernels,
+    "semi-structured" a packed 2:4 export through torch's sparse CUDA kernels (without CUDA: one line and the float
+    path) (``semisparse.load``); the per-layer choice is saved under ``backend`` in the results.
     """
     from semisparse.export.options import check_backend
 

@@ -240,6 +240,10 @@ def bench(export: str | Path, device: str = "cpu", backend: str | None = None, j
         from semisparse.export.load import check_cpu_backend
 
         check_cpu_backend(export, manifest, torch.device("cpu"))  # before the dense models' timings, not after
+    elif backend == "semi-structured":
+        from semisparse.export.load import check_semi_structured_backend
+
+        check_semi_structured_backend(export, manifest)  # on the CPU it then says it is unavailable and runs dense
     json_path = Path(json) if json is not None else default_json(export)
     if json_path.is_dir():
         raise UserError(f"--json {json_path} is a folder: give a file name")
@@ -254,11 +258,12 @@ def bench(export: str | Path, device: str = "cpu", backend: str | None = None, j
         models[label], model = _run_one(label, lambda d=dtype: load_export(export, "cpu", d)[0], settings, say)
         models[label]["bytes_on_disk"] = _dense_bytes(model, dtype)
         del model
-    from semisparse.export.cpu_backend import Measure
+    from semisparse.export import cpu_backend, cuda_backend
 
+    measure = (cuda_backend if backend == "semi-structured" else cpu_backend).Measure(say=say)
     models["export"], model = _run_one(
         f"export ({backend} backend)",
-        lambda: load_export(export, "cpu", None, backend=backend, measure=Measure(say=say))[0], settings, say)
+        lambda: load_export(export, "cpu", None, backend=backend, measure=measure)[0], settings, say)
     models["export"].update(bytes_on_disk=_folder_bytes(export), backend=backend,
                             quantization=manifest["quantization"]["scheme"], export_dtype=manifest.get("dtype"))
     choice = getattr(model, "semisparse_backend", None)

@@ -30,8 +30,10 @@ MODEL_HELP = ("Hugging Face id, local model or run directory, a .gguf file, or '
 DATA_HELP = "A .txt/.jsonl/.parquet file or folder, 'wikitext2', 'c4', or 'default' (the shipped Wikipedia text)."
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."
 SET_HELP = "Any recipe field, SECTION.FIELD=VALUE (repeatable), e.g. --set mask.every=20."
-BACKEND_HELP = ("An exported folder's kernels: none (de-quantized float weights) or cpu (an int8/int4 export "
-                "through torch's weight-only CPU kernels, per layer where measured faster; docs/export.md).")
+BACKEND_HELP = ("An exported folder's kernels: none (de-quantized float weights), cpu (an int8/int4 export "
+                "through torch's weight-only CPU kernels, per layer where measured faster) or semi-structured (a "
+                "packed 2:4 export through torch's sparse CUDA kernels, per layer where measured faster; without "
+                "CUDA it says so and runs dense; docs/export.md).")
 
 
 def _methods() -> str:
@@ -308,8 +310,8 @@ def export(
 ) -> None:
     """Write a run directory as a compact checkpoint: packed N:M weights (optionally int8/int4) or a stock folder.
 
-    The packed format is a storage format: loading unpacks to dense weights (a CUDA semi-structured backend
-    is later work)."""
+    The packed format is a storage format: loading unpacks to dense weights, or hands them to a backend
+    (``--backend cpu``: weight-only int8/int4 kernels; ``--backend semi-structured``: CUDA 2:4 kernels)."""
     from semisparse import api
 
     m = api.export(run_dir, out, format=format, dtype=dtype, quant=quant, group_size=group_size,
@@ -335,7 +337,8 @@ def bench(
     export: Path = typer.Argument(..., help="Exported folder (`semisparse export`)."),
     device: str = typer.Option("cpu", help="cpu (a CUDA bench is not implemented yet)."),
     backend: Optional[str] = typer.Option(
-        None, help="none or cpu (default: cpu for an int8/int4 export, else none). " + BACKEND_HELP),
+        None, help="none, cpu or semi-structured (default: cpu for an int8/int4 export, else none; bench runs on "
+                   "the CPU, where semi-structured runs dense). " + BACKEND_HELP),
     json: Optional[Path] = typer.Option(None, help="JSON file for the results (default: ./bench-<folder>.json)."),
     prefill_tokens: int = typer.Option(512, help="Prefill: one forward of 1 x this many tokens."),
     new_tokens: int = typer.Option(128, help="Decode: greedy new tokens per generate call."),

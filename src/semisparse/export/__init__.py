@@ -15,6 +15,7 @@
     writer.py   export_run(): checks, then one atomic folder write
     load.py     rebuild the transformers model from an exported folder
     cpu_backend.py  backend="cpu": an int8/int4 export's layers through torch's weight-only CPU kernels
+    cuda_backend.py backend="semi-structured": 2:4 layers as torch.sparse.to_sparse_semi_structured weights (CUDA)
 
 Modules are imported on use: ``import semisparse.export.options`` stays light.
 """

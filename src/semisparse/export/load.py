@@ -4,7 +4,9 @@ Packed: the model is built from the manifest's config without random init, the d
 sparse layer is unpacked (de-quantized first) into its weight through ``layers.weight_matrix`` (so GPT-2's
 transposed Conv1D needs no special case here), and a SLoRB branch is re-attached with the unpacked masks.
 hf: a stock ``from_pretrained``. Both verify every file's sha256 first. ``backend="cpu"`` then swaps an int8/int4
-export's sparse layers for torch's weight-only CPU kernels where they measure faster (export/cpu_backend.py).
+export's sparse layers for torch's weight-only CPU kernels where they measure faster (export/cpu_backend.py);
+``backend="semi-structured"`` swaps a packed 2:4 export's layers for torch's semi-structured sparse CUDA kernels
+where they measure faster and agree on a probe (export/cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from semisparse import rundir
 from semisparse.errors import UserError, first_line
 from semisparse.export.format import FORMAT_NAMES, verify
+from semisparse.export.options import BACKENDS  # noqa: F401 - the choices, here too for benchmarks/gpu_suite.py
 from semisparse.export.pack import unpack_layer
 from semisparse.export.packed import POSITIONS, SCALES, VALUES
 from semisparse.export.quant import dequantize
@@ -115,13 +118,26 @@ def check_cpu_backend(path: Path, manifest: dict, device: torch.device) -> str:
     return scheme
 
 
+def check_semi_structured_backend(path: Path, manifest: dict) -> None:
+    """A one-line UserError for an export the semi-structured backend cannot read (an hf folder: no layer list).
+
+    Not an error: no CUDA, or a pattern other than 2:4; the backend then says why and runs the float path."""
+    if manifest["format"] != FORMAT_NAMES["packed"]:
+        raise UserError(f"--backend semi-structured runs a packed export's 2:4 layers; {path} is an hf export: "
+                        f"export it with --format packed, or leave --backend out for the float path")
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 backend: str | None = None, measure=None):
     """(model, tokenizer, manifest) of an exported folder; ``dtype`` None: the export dtype.
 
     ``backend`` "cpu" (int8/int4 packed exports, on the CPU): sparse layers through torch's weight-only kernels
     where a short measurement (``measure``: a cpu_backend.Measure) finds them not slower; ``dtype`` None there means
-    bf16 on a CPU with native bf16, else float32. The choice is printed and kept as ``model.semisparse_backend``."""
+    bf16 on a CPU with native bf16, else float32. The choice is printed and kept as ``model.semisparse_backend``.
+    ``backend`` "semi-structured" (packed exports): 2:4 layers through torch's semi-structured CUDA kernels where a
+    short measurement (``measure``: a cuda_backend.Measure) finds them faster and a probe finds them equal; ``dtype``
+    None there means the export dtype (bf16 for a float32 export). Without CUDA or for a pattern other than 2:4 it
+    prints one line saying why and runs the float path, the record saying the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from semisparse.export.options import check_backend
@@ -134,6 +150,12 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         from semisparse.export.cpu_backend import activation_dtype
 
         dtype, dtype_reason = activation_dtype(dtype)
+    if backend == "semi-structured":
+        from semisparse.export import cuda_backend
+
+        check_semi_structured_backend(path, manifest)
+        why_not = cuda_backend.unavailable(device, Pattern.parse(manifest["pattern"]))
+        dtype, dtype_reason = cuda_backend.activation_dtype(dtype, manifest.get("dtype"), why_not is None)
     dtype = dtype or TORCH_DTYPES.get(manifest.get("dtype"), torch.float32)
     try:
         if manifest["format"] == FORMAT_NAMES["hf"]:
@@ -154,4 +176,9 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     except (KeyError, ValueError, TypeError, OSError) as exc:
         first = first_line(exc)
         raise UserError(f"cannot load the exported model {path}: {first}") from exc
-    return model.to(device).eval(), tokenizer, manifest
+    model = model.to(device).eval()
+    if backend == "semi-structured":  # on the device: the conversion runs there
+        layers = {name: tuple(record["shape"]) for name, record in manifest["layers"].items()}
+        model.semisparse_backend = cuda_backend.apply_semi_structured(model, layers, dtype, dtype_reason, why_not,
+                                                                      measure)
+    return model, tokenizer, manifest

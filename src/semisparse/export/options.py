@@ -65,8 +65,9 @@ def check_quant_method(method: str, format: str, quant: str, calib: str | None, 
 
 
 #: ``semisparse.load(backend=...)`` / ``--backend``: none = the de-quantized float path; cpu = torch's weight-only
-#: int8/int4 CPU kernels (export/cpu_backend.py).
-BACKENDS = ("none", "cpu")
+#: int8/int4 CPU kernels (export/cpu_backend.py); semi-structured = torch's 2:4 sparse CUDA kernels
+#: (export/cuda_backend.py; without CUDA, or for a pattern other than 2:4, it says so and runs the float path).
+BACKENDS = ("none", "cpu", "semi-structured")
 
 
 def check_backend(backend: str | None) -> str:
