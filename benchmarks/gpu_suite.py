@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_suite_parts
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))  # semisparse, when not installed
 
 PARTS = {  # number: (key, weight of the budget share, what)
-    1: ("1_train_throughput", 0.40, "dense-KD / fixed-mask-kd / ast-naive steps: tokens/s, peak memory, MFU"),
+    1: ("1_train_throughput", 0.40, "dense-KD / fixed-mask-kd / ast-naive / cast steps, and ast under torchrun + FSDP2: tokens/s, peak memory, MFU"),
     2: ("2_kernels", 0.20, "2:4 semi-structured vs dense matmuls (+ exported model end to end)"),
     3: ("3_quality", 0.40, "SparseGPT init, fixed-mask-kd vs ast-naive at equal tokens, WikiText-2 perplexity"),
 }
@@ -125,6 +125,13 @@ def final_table(results: dict) -> str:
     if r:
         lines.append(f"| 1 | AST / dense KD | - | step time x{r['step_time_median']:.3f} (median), "
                      f"x{r['step_time_amortized']:.3f} (amortized) |")
+    leg = p1.get("fsdp2_torchrun") or {}
+    if leg:
+        over = leg.get("over_ast") or {}
+        what = (f"step time x{over['step_time_median']:.3f} of in-process ast" if over
+                else leg.get("reason", ""))
+        lines.append(f"| 1 | ast, torchrun 1 process + FSDP2 | {leg.get('status')} | tokens/s "
+                     f"{fmt(leg.get('tokens_per_s'))}, {what} |")
     p2 = parts.get("2_kernels", {})
     summary: dict = {}  # (model, shape, impl) -> ["tokens: sparse/dense", ...], bf16 only
     for row in p2.get("rows") or []:

@@ -1,6 +1,6 @@
 """benchmarks/gpu_suite.py, proven on the CPU: the --smoke run (every part, figures or skip reasons, CUDA-only paths
-skipped, tokens/s read from the trainer's metrics, MFU from its stated formula) and the time budget (parts stop on
-time and the JSON says which were cut). matplotlib and lm-eval are made unimportable, as on the GPU machine."""
+skipped, tokens/s read from the trainer's metrics, MFU from its stated formula, the FSDP2 wrapper timed under a
+one-process torchrun on gloo) and the time budget (parts stop on time and the JSON says which were cut). matplotlib and lm-eval are made unimportable, as on the GPU machine."""
 
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def test_cuda_only_entries_say_skipped(smoke):
     assert {r["dtype"] for r in rows} == {"bf16", "fp16", "int8", "fp8"}
     e2e = res["parts"]["2_kernels"]["export_e2e"]
     assert e2e["status"] == "skipped" and e2e["reason"].startswith("skipped:")
-    for v in res["parts"]["1_train_throughput"]["variants"].values():
+    part1 = res["parts"]["1_train_throughput"]
+    for v in [*part1["variants"].values(), part1["fsdp2_torchrun"]]:
         assert v["peak_mem_bytes"] is None and v["peak_mem"] == SKIP_CUDA
-    assert res["parts"]["1_train_throughput"]["fsdp2_torchrun"]["status"] == "skipped"
 
 
 def test_training_throughput_comes_from_the_metrics(smoke):
@@ -101,6 +101,41 @@ def test_training_throughput_comes_from_the_metrics(smoke):
     assert "dense" in part["dense_kd_note"] and part["ratios"]["ast_over_dense_kd"]["step_time_median"] > 0
 
 
+def test_fsdp2_leg_times_ast_under_a_single_torchrun_process(smoke):
+    """ast again as `torchrun --nproc-per-node 1` with fsdp.always (gloo on the CPU): FSDP2 really wrapped the one
+    process, the run had the in-process ast's settings, and its figures and ratio come from its own metrics."""
+    part = smoke["json"]["parts"]["1_train_throughput"]
+    leg, ast = part["fsdp2_torchrun"], part["variants"]["ast"]
+    assert leg["status"] == "ok", (leg.get("error"), leg.get("output_tail"))
+    assert leg["wrapped"] is True and "--nproc-per-node=1" in leg["command"] and leg["recipe"] == ast["recipe"]
+    assert leg["overrides"] == {**ast["overrides"], "fsdp.always": True}
+    assert leg["steps_planned"] == ast["steps_planned"] and leg["tokens_per_step"] == ast["tokens_per_step"]
+    records = [json.loads(line) for line in (smoke["out"] / leg["metrics_file"]).read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "step_s" in r}
+    used = [steps[s] for s in leg["timed_steps"]]
+    assert len(used) == 2 and min(leg["timed_steps"]) >= leg["warmup_steps"] and max(leg["timed_steps"]) < max(steps)
+    assert leg["tokens_per_s"] > 0
+    assert leg["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in used)
+    assert leg["step_s"] == [r["step_s"] for r in used]
+    ratio = leg["over_ast"]
+    assert ratio == part["ratios"]["fsdp1_over_ast"]
+    assert math.isclose(ratio["step_time_median"], leg["median_step_s"] / ast["median_step_s"])
+    assert math.isclose(ratio["tokens_per_s_median"], leg["tokens_per_s"] / ast["tokens_per_s"])
+
+
+def test_fsdp2_leg_is_skipped_without_an_ast_figure():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_suite_parts.train_part import fsdp1_leg
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for ast in ({"status": "skipped", "reason": "skipped: budget (0.4 s share < 1 s)"},
+                {"status": "error", "error": "RuntimeError: boom"}):
+        leg = fsdp1_leg(None, {}, {"variants": {"ast": ast}}, time.monotonic() + 100)
+        assert leg["status"] == "skipped" and leg["reason"].startswith("skipped: the in-process ast variant is ")
+        assert ast.get("reason", ast.get("error")) in leg["reason"]
+
+
 def test_mfu_follows_the_stated_formula(smoke):
     part = smoke["json"]["parts"]["1_train_throughput"]
     fl, peak = part["flops"], part["peak"]
@@ -111,7 +146,7 @@ def test_mfu_follows_the_stated_formula(smoke):
     assert (fl["layers"], fl["d_attn"], fl["seq_len"]) == (2, 64, 32)
     per_token = (6 * fl["n_student"] + 2 * fl["n_teacher"] + 6 * fl["layers"] * fl["seq_len"] * fl["d_attn"]
                  + 2 * fl["layers"] * fl["seq_len"] * fl["d_attn"])
-    for v in part["variants"].values():
+    for v in [*part["variants"].values(), part["fsdp2_torchrun"]]:
         assert v["flops_per_token"] == per_token
         assert math.isclose(v["mfu"], per_token * v["tokens_per_s"] / peak["flops_per_s"], rel_tol=1e-12)
 
@@ -160,6 +195,10 @@ def test_budget_stops_parts_on_time(tmp_path):
     if dense["status"] != "skipped":  # started: stopped by the clock well before its 600 s target
         assert dense["status"] == "cut" and dense["limited_by"] == "budget"
         assert sum(dense["step_s"]) < budget
+    leg = res["parts"]["1_train_throughput"]["fsdp2_torchrun"]  # the torchrun leg keeps to its share too
+    assert leg["status"] in ("ok", "cut", "skipped"), (leg.get("error"), leg.get("output_tail"))
+    if leg["status"] != "ok":
+        assert leg["reason"].startswith(leg["status"] + ":")
     for key in PARTS:
         part = res["parts"][key]
         assert part["status"] in ("ok", "cut", "skipped"), (key, part.get("error"))
