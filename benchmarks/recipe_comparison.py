@@ -170,8 +170,11 @@ def evaluate(args, name: str, spec: str, out: Path) -> dict:
 
 def eval_references(args) -> None:
     """The dense model's and the SparseGPT init's numbers, kept beside the rows' summaries."""
+    want_zeroshot = args.limit if args.zeroshot else None
     for name, spec in (("dense", args.model), ("sparsegpt", str(sparsegpt_init(args)))):
-        if not (ROW_RESULTS / f"{name}.json").is_file():
+        kept = ROW_RESULTS / f"{name}.json"
+        have = json.loads(kept.read_text())["key"]["zeroshot_limit"] if kept.is_file() else "none yet"
+        if have == "none yet" or (want_zeroshot is not None and have != want_zeroshot):  # add zero-shot later
             result = evaluate(args, name, spec, args.workdir / f"{name}-eval.json")
             atomic_write_json(ROW_RESULTS / f"{name}.json", {**result, "machine": machine.describe()}, indent=1)
 
