@@ -158,6 +158,7 @@ def test_logits_equal_the_float_path(exports, quant, dtype):
     assert sum(isinstance(m, cpu_backend.WeightOnlyLinear) for m in model.modules()) == 14
     reference = semisparse.load(out, dtype=torch.float32)  # the de-quantized float path, no backend
     assert rel_error(logits(model), logits(reference)) <= RTOL[dtype]
+    assert model.config.name_or_path == reference.config.name_or_path == str(out)  # as from_pretrained names it
     if dtype == torch.float32:  # greedy decoding with the KV cache picks the same tokens
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(IDS[:, :4], **kw), reference.generate(IDS[:, :4], **kw))

@@ -169,6 +169,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                                                          scheme, dtype, dtype_reason, measure)
         else:
             model = _load_packed(path, manifest, dtype)
+        if manifest["format"] != FORMAT_NAMES["hf"]:  # what from_pretrained gives an hf folder, for every backend
             if (path / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(path)
             model.config.name_or_path = str(path)
