@@ -254,6 +254,13 @@ def describe(report: dict) -> list[str]:
     lines = [f"cpu backend: {report['kernel_layers']} of {report['kernel_layers'] + report['float_layers']} sparse "
              f"layers through the {report['scheme']} kernel, activations {report['activation_dtype']} "
              f"({report['activation_dtype_reason']})"]
+    return lines + layer_lines(report)
+
+
+def layer_lines(report: dict) -> list[str]:
+    """One line per distinct (shape [out, in], path, reason, timings) of a backend's per-layer choice (both
+    backends' records have this shape)."""
+    lines = []
     seen: dict[tuple, list[str]] = {}
     for name, r in report["layers"].items():
         seen.setdefault((tuple(r["shape"]), r["path"], r["reason"], str(r.get("timings", ""))), []).append(name)

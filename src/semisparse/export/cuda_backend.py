@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semisparse.errors import UserError, first_line
-from semisparse.export.cpu_backend import Timer, _parent, median_seconds
+from semisparse.export.cpu_backend import Timer, _parent, layer_lines, median_seconds
 from semisparse.layers import weight_matrix
 from semisparse.masks import Pattern
 
@@ -299,12 +299,4 @@ def describe(report: dict) -> list[str]:
     total = report["kernel_layers"] + report["float_layers"]
     lines = [f"{NAME} backend: {report['kernel_layers']} of {total} sparse layers through {report['impl']} (2:4), "
              f"activations {report['activation_dtype']} ({report['activation_dtype_reason']})"]
-    seen: dict[tuple, list[str]] = {}
-    for name, r in report["layers"].items():
-        seen.setdefault((tuple(r["shape"]), r["path"], r["reason"], str(r.get("timings", ""))), []).append(name)
-    for (shape, path, reason, _), names in seen.items():
-        timings = report["layers"][names[0]].get("timings") or {}
-        times = "; ".join(f"{t} tok {v['kernel_us']:.0f} vs {v['float_us']:.0f} µs" for t, v in timings.items())
-        count = f"{len(names)} layer{'s' if len(names) > 1 else ''}"
-        lines.append(f"  [{shape[0]}, {shape[1]}] ({count}): {path}: {reason}" + (f" [{times}]" if times else ""))
-    return lines
+    return lines + layer_lines(report)
