@@ -156,13 +156,6 @@ def full_state_dict(net: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (FSDP2 parameters), else the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a reduction such as the global grad norm), else the tensor."""
     from torch.distributed.tensor import DTensor

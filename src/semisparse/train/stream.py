@@ -32,15 +32,6 @@ from semisparse.errors import UserError
 MIX_BLOCK = 4096
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when it is initialised, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def fingerprint(stream: torch.Tensor) -> str:
     """sha256 of the token ids (as int64): a resumed run must train on the very same stream."""
     return hashlib.sha256(stream.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
