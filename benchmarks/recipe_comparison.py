@@ -16,7 +16,10 @@ the trainer's own --resume; each evaluation is written atomically beside its run
 Run directories (runs/, not committed) do not outlive a session here, so a row is trained, evaluated and summarised
 in one go, and its summary lands in benchmarks/results/recipe_comparison/ROW.json (committed): the report joins rows
 that different sessions (or machines: each summary names its own) produced. Every row runs in bf16 autocast whatever
-the CPU, so a row's numbers do not depend on which machine ran it (only its tokens/s does).
+the CPU by default, so a row's numbers do not depend on which machine ran it (only its tokens/s does); on a CPU
+without native bf16 that is ~3x slower than fp32 (a 500k-token row takes hours), so --precision fp32 exists for such
+machines, and the report compares rows only within one precision and one init (the SparseGPT init is re-pruned on
+each machine and differs between CPUs: its held-out perplexity before training, eval_curve[0], tells them apart).
 
 Quality runs may share the machine: start two processes with --threads 1 and disjoint --rows.
 
@@ -106,7 +109,7 @@ def sparsegpt_init(args) -> Path:
 
 def row_overrides(args, row: dict) -> dict:
     init = str(sparsegpt_init(args).resolve()) if row["init"] == "sparsegpt" else "magnitude"
-    return {**COMMON, "init.source": init, "init.pruned_weights": "dense", "train.tokens": args.tokens,
+    return {**COMMON, "train.precision": args.precision, "init.source": init, "init.pruned_weights": "dense", "train.tokens": args.tokens,
             "train.seed": row["seed"], "data.sources": MIXTURE, "checkpoint.every": args.ckpt_every,
             **settings_for(row)}
 
@@ -278,6 +281,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads for this process")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "compare")
     p.add_argument("--model", default="default")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="training precision of the rows trained now (bf16 unless the CPU lacks native bf16)")
     args = p.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
