@@ -31,6 +31,7 @@ Quality runs may share the machine: start two processes with --threads 1 and dis
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -171,15 +172,28 @@ def evaluate(args, name: str, spec: str, out: Path) -> dict:
     return result
 
 
+def init_key(args, row: dict) -> str:
+    """Which init a row started from: the SparseGPT run's masks differ between CPUs, so they are named by a hash."""
+    if row["init"] != "sparsegpt":
+        return row["init"]  # magnitude pruning is exact on every machine
+    masks = sparsegpt_init(args) / "masks.safetensors"
+    digest = hashlib.sha256()
+    with open(masks, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return "sparsegpt-" + digest.hexdigest()[:12]
+
+
 def eval_references(args) -> None:
-    """The dense model's and the SparseGPT init's numbers, kept beside the rows' summaries."""
+    """The dense model's and this machine's SparseGPT init's numbers, kept beside the rows' summaries."""
     want_zeroshot = args.limit if args.zeroshot else None
-    for name, spec in (("dense", args.model), ("sparsegpt", str(sparsegpt_init(args)))):
-        kept = ROW_RESULTS / f"{name}.json"
+    init_name = init_key(args, {"init": "sparsegpt"})
+    for name, kept_as, spec in (("dense", "dense", args.model), ("sparsegpt", init_name, str(sparsegpt_init(args)))):
+        kept = ROW_RESULTS / f"{kept_as}.json"
         have = json.loads(kept.read_text())["key"]["zeroshot_limit"] if kept.is_file() else "none yet"
         if have == "none yet" or (want_zeroshot is not None and have != want_zeroshot):  # add zero-shot later
             result = evaluate(args, name, spec, args.workdir / f"{name}-eval.json")
-            atomic_write_json(ROW_RESULTS / f"{name}.json", {**result, "machine": machine.describe()}, indent=1)
+            atomic_write_json(kept, {**result, "machine": machine.describe()}, indent=1)
 
 
 def eval_rows(args, names: list[str]) -> None:
@@ -204,7 +218,8 @@ def summarize(args, name: str) -> dict | None:
     steps = [m for m in metrics if "step_s" in m]
     masks = [m for m in metrics if "init_flip_rate" in m]
     return {
-        "row": name, **ROWS[name], "settings": settings_for(ROWS[name]), "wiki_ppl": ev["wiki_ppl"],
+        "row": name, **ROWS[name], "init_key": init_key(args, ROWS[name]), "settings": settings_for(ROWS[name]),
+        "wiki_ppl": ev["wiki_ppl"],
         "c4_ppl": ev["c4_ppl"], "zeroshot_mean": ev.get("zeroshot_mean"),
         "final_init_flip_rate": masks[-1]["init_flip_rate"] if masks else 0.0,
         "pruned_abs_max": meta["final"].get("pruned_abs_max"),
@@ -217,31 +232,53 @@ def summarize(args, name: str) -> dict | None:
     }
 
 
+def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows comparable with each other: one init (by its key, or for rows written before keys existed, by the
+    held-out perplexity before training, which a keyed row of the same init maps back) and one precision."""
+    by_heldout = {round(r["eval_curve"][0][1], 3): r["init_key"] for r in rows if r.get("init_key") and r["eval_curve"]}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        heldout = round(r["eval_curve"][0][1], 3) if r["eval_curve"] else None
+        key = (r.get("init_key") or ("magnitude" if r["init"] == "magnitude" else None) or by_heldout.get(heldout)
+               or f"{r['init']} (held-out {heldout} before training)")
+        r["init_key"] = key
+        groups.setdefault((key, (r.get("precision") or {}).get("used")), []).append(r)
+    return groups
+
+
 def report(args) -> None:
     dense = json.loads((ROW_RESULTS / "dense.json").read_text())
-    init = json.loads((ROW_RESULTS / "sparsegpt.json").read_text())
     rows = [json.loads((ROW_RESULTS / f"{n}.json").read_text()) for n in ROWS if (ROW_RESULTS / f"{n}.json").is_file()]
-    for r in rows:
-        if r["init"] == "sparsegpt":
-            r["gap_closed"] = (init["wiki_ppl"] - r["wiki_ppl"]) / (init["wiki_ppl"] - dense["wiki_ppl"])
+    groups = group_rows(rows)
     print(f"\nmachine: {machine.line()}")
-    print(f"dense wiki {dense['wiki_ppl']:.2f}, SparseGPT init wiki {init['wiki_ppl']:.2f}\n")
-    print("| row | recipe | init | seed | WikiText-2 ppl | gap closed | C4 ppl | zero-shot | final flip vs init | "
-          "pruned max before prune | tok/s | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gap = f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-"
-        zs = f"{r['zeroshot_mean']:.2f}" if r.get("zeroshot_mean") is not None else "-"
-        pam = f"{r['pruned_abs_max']:.2e}" if r.get("pruned_abs_max") is not None else "-"
-        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-        print(f"| {r['row']} | {r['recipe']} | {r['init']} | {r['seed']} | {r['wiki_ppl']:.2f} | {gap} | "
-              f"{r['c4_ppl']:.2f} | {zs} | {r['final_init_flip_rate']:.2e} | {pam} | {tps} | "
-              f"{(r['train_seconds'] or 0) / 60:.0f} min |")
+    print(f"dense wiki {dense['wiki_ppl']:.2f}; rows are compared within one init and one training precision\n")
+    inits = {}
+    for (key, precision), members in groups.items():
+        ref_path = ROW_RESULTS / f"{key}.json"
+        init = json.loads(ref_path.read_text()) if ref_path.is_file() else None
+        inits[key] = init
+        where = sorted({r["machine"]["cpu"] for r in members if r.get("machine")})
+        print(f"### init {key}, {precision} ({', '.join(where)}): "
+              + (f"init wiki {init['wiki_ppl']:.2f}" if init else "no evaluation of this init kept"))
+        print("| row | recipe | seed | WikiText-2 ppl | gap closed | C4 ppl | zero-shot | final flip vs init | "
+              "pruned max before prune | tok/s | wall |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in members:
+            if init is not None:
+                r["gap_closed"] = (init["wiki_ppl"] - r["wiki_ppl"]) / (init["wiki_ppl"] - dense["wiki_ppl"])
+            gap = f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-"
+            zs = f"{r['zeroshot_mean']:.3f}" if r.get("zeroshot_mean") is not None else "-"
+            pam = f"{r['pruned_abs_max']:.2e}" if r.get("pruned_abs_max") is not None else "-"
+            tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+            print(f"| {r['row']} | {r['recipe']} | {r['seed']} | {r['wiki_ppl']:.2f} | {gap} | {r['c4_ppl']:.2f} | "
+                  f"{zs} | {r['final_init_flip_rate']:.2e} | {pam} | {tps} | {(r['train_seconds'] or 0) / 60:.0f} min |")
+        print()
     plot(rows, RESULTS / "recipe_comparison.png")
     atomic_write_json(RESULTS / "recipe_comparison.json", indent=1, data={
         "machine": machine.describe(), "common": COMMON, "mixture": MIXTURE, "tokens": args.tokens,
-        "row_settings": {f"{r}/{i}": v for (r, i), v in ROW_SETTINGS.items()}, "dense": dense, "sparsegpt_init": init, "rows": rows})
-    print(f"\nresults: {RESULTS / 'recipe_comparison.json'}")
+        "row_settings": {f"{r}/{i}": v for (r, i), v in ROW_SETTINGS.items()}, "dense": dense, "inits": inits,
+        "rows": rows})
+    print(f"results: {RESULTS / 'recipe_comparison.json'}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
