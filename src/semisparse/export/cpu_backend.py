@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from semisparse.export.pack import unpack_bits, unpack_layer
-from semisparse.layers import weight_matrix
 from semisparse.masks import Pattern
 
 #: qGroupSize values _weight_int4pack_mm_for_cpu accepts (torch 2.13), largest first.
@@ -204,11 +203,6 @@ def _measure_shape(kernel: nn.Module, module: nn.Module, shape: tuple[int, int],
     return "kernel", "measured not slower than the float path", timings
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), attr
-
-
 def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], pattern: Pattern, scheme: str,
                       dtype: torch.dtype, dtype_reason: str, measure: Measure | None = None) -> dict:
     """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel where chosen; returns
@@ -236,8 +230,7 @@ def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], patte
             report_layers[name] = {**record, "path": path, "reason": why, "kernel_group": kernel.group,
                                    "timings": timings}
             if path == "kernel":
-                parent, attr = _parent(model, name)
-                setattr(parent, attr, kernel)
+                model.set_submodule(name, kernel)
     chosen = sum(r["path"] == "kernel" for r in report_layers.values())
     report = {"backend": "cpu", "scheme": scheme, "activation_dtype": str(dtype).removeprefix("torch."),
               "activation_dtype_reason": dtype_reason, "measured_tokens": list(measure.tokens),

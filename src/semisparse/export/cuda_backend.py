@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semisparse.errors import UserError, first_line
-from semisparse.export.cpu_backend import Timer, _parent, layer_lines, median_seconds
+from semisparse.export.cpu_backend import Timer, layer_lines, median_seconds
 from semisparse.layers import weight_matrix
 from semisparse.masks import Pattern
 
@@ -270,8 +270,7 @@ def apply_semi_structured(model: nn.Module, layers: dict[str, tuple[int, int]], 
             record, sparse = _choose(model.get_submodule(name), shape, dtype, measure, by_shape)
             report_layers[name] = {"shape": list(shape), **record}
             if sparse is not None:
-                parent, attr = _parent(model, name)
-                setattr(parent, attr, sparse)
+                model.set_submodule(name, sparse)
     chosen = sum(r["path"] == "kernel" for r in report_layers.values())
     report = {"backend": NAME, "available": why_not is None, "unavailable_reason": why_not,
               "impl": None if why_not else _impl(measure.convert),

@@ -113,7 +113,7 @@ class MaskedAdamW(Optimizer):
         """One step for a group, as ``torch._foreach_*`` ops over all its tensors at once (a Python loop per
         parameter costs more than the update on a small model); the same operations, in the same order, as the
         formula in the class docstring."""
-        lr, wd, eps, lam = group["lr"], group["weight_decay"], group["eps"], group["srste_lambda"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         grads, exp_avgs, exp_avg_sqs, steps, masks = [], [], [], [], []
         for p in params:

@@ -298,11 +298,6 @@ class SparseLinear(nn.Module):
 # ------------------------------------------------------------------------------------------------- model level
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     """Qualified name -> SparseLinear, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -388,7 +383,7 @@ def sparsify(
             except ValueError as err:
                 raise ValueError(f"layer {name}: {err}") from err
         layer.dense_forward = dense_forward
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         wrapped[name] = layer
     return wrapped
 
@@ -405,7 +400,7 @@ def densify(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.
         masks[name] = layer.mask.detach().clone()
         for key, tensor in layer.slorb_tensors().items():
             slorb[f"{name}.{key}"] = tensor.clone()
-        _set_submodule(model, name, layer.to_dense())
+        model.set_submodule(name, layer.to_dense())
     return masks, slorb
 
 
@@ -455,7 +450,7 @@ def attach_slorb(
                     f"layer {name}: stored weights are not {pattern} sparse under the "
                     f"{'given' if masks is not None else 'magnitude'} mask; pass the right pattern or masks"
                 )
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
             module = layer
         try:
             module.set_slorb(parts[SLORB_S], parts[SLORB_X], train_x)
