@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WIKI = SHARED / "wikitext2" / "wiki.valid.raw"
@@ -107,7 +110,7 @@ def main() -> None:
 
     base_time = next((r["prune_s"] for r in rows if r["method"] == "magnitude"), None)
     header = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine.describe(),  # CPU model and flags: SparseGPT's result depends on the CPU's arithmetic
         "python": platform.python_version(),
         "versions": package_versions(),
         "settings": {"model": "SmolLM2-135M-Instruct (shipped GGUF Q4_1, de-quantised to fp32)", "pattern": "2:4",
