@@ -19,7 +19,7 @@ that different sessions (or machines: each summary names its own) produced. Ever
 the CPU by default, so a row's numbers do not depend on which machine ran it (only its tokens/s does); on a CPU
 without native bf16 that is ~3x slower than fp32 (a 500k-token row takes hours), so --precision fp32 exists for such
 machines, and the report compares rows only within one precision and one init (the SparseGPT init is re-pruned on
-each machine and differs between CPUs: its held-out perplexity before training, eval_curve[0], tells them apart).
+each machine and differs between CPUs: each row records its init's masks hash, init_key).
 
 Quality runs may share the machine: start two processes with --threads 1 and disjoint --rows.
 
@@ -31,7 +31,6 @@ Quality runs may share the machine: start two processes with --threads 1 and dis
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 from ast_quality import run_state  # noqa: E402  (done | resume | fresh, one definition for both)
-from semisparse.rundir import atomic_write_json  # noqa: E402
+from semisparse.rundir import MASKS_FILE, atomic_write_json, sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
@@ -110,9 +109,9 @@ def sparsegpt_init(args) -> Path:
 
 def row_overrides(args, row: dict) -> dict:
     init = str(sparsegpt_init(args).resolve()) if row["init"] == "sparsegpt" else "magnitude"
-    return {**COMMON, "train.precision": args.precision, "init.source": init, "init.pruned_weights": "dense", "train.tokens": args.tokens,
-            "train.seed": row["seed"], "data.sources": MIXTURE, "checkpoint.every": args.ckpt_every,
-            **settings_for(row)}
+    return {**COMMON, "train.precision": args.precision, "init.source": init, "init.pruned_weights": "dense",
+            "train.tokens": args.tokens, "train.seed": row["seed"], "data.sources": MIXTURE,
+            "checkpoint.every": args.ckpt_every, **settings_for(row)}
 
 
 def train_rows(args, names: list[str]) -> None:
@@ -176,12 +175,7 @@ def init_key(args, row: dict) -> str:
     """Which init a row started from: the SparseGPT run's masks differ between CPUs, so they are named by a hash."""
     if row["init"] != "sparsegpt":
         return row["init"]  # magnitude pruning is exact on every machine
-    masks = sparsegpt_init(args) / "masks.safetensors"
-    digest = hashlib.sha256()
-    with open(masks, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return "sparsegpt-" + digest.hexdigest()[:12]
+    return "sparsegpt-" + sha256_file(sparsegpt_init(args) / MASKS_FILE)[:12]
 
 
 def eval_references(args) -> None:
@@ -239,7 +233,7 @@ def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         heldout = round(r["eval_curve"][0][1], 3) if r["eval_curve"] else None
-        key = (r.get("init_key") or ("magnitude" if r["init"] == "magnitude" else None) or by_heldout.get(heldout)
+        key = (r.get("init_key") or (r["init"] if r["init"] != "sparsegpt" else None) or by_heldout.get(heldout)
                or f"{r['init']} (held-out {heldout} before training)")
         r["init_key"] = key
         groups.setdefault((key, (r.get("precision") or {}).get("used")), []).append(r)

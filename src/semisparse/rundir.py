@@ -10,6 +10,7 @@ leaves the previous version as it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,15 @@ def model_slug(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ fsync
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (manifests of exports and checkpoints)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

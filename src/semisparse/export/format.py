@@ -19,7 +19,6 @@ and sha256, so a truncated or edited file is one clear error.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from semisparse import rundir
@@ -33,21 +32,13 @@ def is_export_dir(path: str | Path) -> bool:
     return (Path(path) / rundir.EXPORT_MANIFEST).is_file()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_records(folder: Path) -> dict[str, dict]:
     """{relative name: {bytes, sha256}} of every file under ``folder`` except the manifest."""
     out = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name != rundir.EXPORT_MANIFEST:
-            out[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            out[name] = {"bytes": path.stat().st_size, "sha256": rundir.sha256_file(path)}
     return out
 
 
@@ -86,7 +77,7 @@ def verify(folder: str | Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise UserError(f"{path} is missing: the exported folder is incomplete, export it again")
-        if path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
+        if path.stat().st_size != record.get("bytes") or rundir.sha256_file(path) != record.get("sha256"):
             raise UserError(f"{path} is truncated or was changed after export (size or sha256 differs from "
                             f"{rundir.EXPORT_MANIFEST}): export it again")
     return manifest

@@ -367,7 +367,7 @@ def _sizes(tensors: list[GGUFTensor], masks: dict) -> dict:
 def export_gguf(run_dir: Path, out: Path, dtype: str, quant: str, merge_slorb: bool, overwrite: bool) -> dict:
     """``export_run`` for --format gguf (options already checked): one GGUF file at ``out``; returns the record that
     is also stored in the file under ``semisparse.export``, plus ``files`` and ``out``."""
-    from semisparse.export.format import sha256_file
+    from semisparse.rundir import sha256_file
     from semisparse.export.source import read_source
     from semisparse.export.writer import refuse_unmerged_slorb
     from semisparse.models import package_versions

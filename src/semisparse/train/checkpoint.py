@@ -23,7 +23,6 @@ directory's safetensors files are what to share.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 import shutil
@@ -56,14 +55,6 @@ class CheckpointError(UserError):
 
 
 # ------------------------------------------------------------------------------------------------ file helpers
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -169,7 +160,7 @@ def save_checkpoint(
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rundir.fsync_file(path)
-                files[path.relative_to(tmp).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+                files[path.relative_to(tmp).as_posix()] = {"sha256": rundir.sha256_file(path), "bytes": path.stat().st_size}
             _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "created": time.time(), "files": files})
             rundir.fsync_file(tmp / MANIFEST)
             rundir.fsync_dir(tmp / DCP_DIR)
@@ -233,7 +224,7 @@ def verify_checkpoint(path: Path) -> dict:
                 f"checkpoint {path} is corrupted: {name} has {size} bytes, the manifest says {info.get('bytes')} "
                 "(truncated?)"
             )
-        if _sha256(file) != info.get("sha256"):
+        if rundir.sha256_file(file) != info.get("sha256"):
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its sha256 in {MANIFEST}")
     if path.name != step_dir_name(step):
         raise CheckpointError(f"checkpoint {path} is corrupted: its manifest says step {step}")
