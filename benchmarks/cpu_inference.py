@@ -9,7 +9,7 @@ matmul, and the int8 and int4 weight-only kernels on the same 2:4 weights, so th
 
     .venv/bin/python benchmarks/cpu_inference.py RUN_DIR [--quant int8 --quant int4] [--prefill-tokens 512]
         [--new-tokens 128] [--batch 1 --batch 8] [--repeats 3] [--shapes 576x1536,4096x4096,4096x11008]
-        [--out benchmarks/results/cpu_inference.json]
+        [--lm-head float|int8] [--out benchmarks/results/cpu_inference.json]
 
 Tiny settings for a smoke run: --prefill-tokens 16 --new-tokens 4 --batch 1 --repeats 1 --shapes 64x128.
 """
@@ -70,6 +70,7 @@ def layer_timings(shapes: list[tuple[int, int]], budget_s: float) -> list[dict]:
 
 def main() -> None:
     from semisparse import api
+    from semisparse.rundir import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
@@ -80,18 +81,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", default=SHAPES, help="IN x OUT layer shapes, comma-separated ('' for none)")
     p.add_argument("--layer-budget-s", type=float, default=0.2, help="time per layer measurement")
+    p.add_argument("--lm-head", choices=["float", "int8"], default="float",
+                   help="the exports' LM head: as exported, or int8 through the kernel (quantized at load)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_inference.json")
     args = p.parse_args()
     quants = args.quant or ["int8", "int4"]
     batches = tuple(args.batch or (1, 8))
-    results: dict = {"run_dir": str(args.run_dir), "exports": {}}
+    results: dict = {"run_dir": str(args.run_dir), "lm_head": args.lm_head, "exports": {}}
     with tempfile.TemporaryDirectory(prefix="cpu-inference-") as tmp:
         for quant in quants:
             out = Path(tmp) / quant
             api.export(args.run_dir, out, dtype="fp16", quant=quant)
-            print(f"\n=== packed fp16 + {quant} ===", flush=True)
+            print(f"\n=== packed fp16 + {quant}, LM head {args.lm_head} ===", flush=True)
             record = api.bench(out, json=Path(tmp) / f"{quant}.json", prefill_tokens=args.prefill_tokens,
-                               new_tokens=args.new_tokens, batches=batches, repeats=args.repeats)
+                               new_tokens=args.new_tokens, batches=batches, repeats=args.repeats,
+                               lm_head=args.lm_head)
             results["exports"][quant] = record
     first = next(iter(results["exports"].values()))
     results["machine"], results["versions"] = first["machine"], first["versions"]
@@ -113,8 +117,7 @@ def main() -> None:
     for quant, record in results["exports"].items():
         for base, ratio in record["ratios"].items():
             print(f"{quant} {base}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(args.out, results, indent=1)
     print(f"written to {args.out}")
 
 

@@ -18,7 +18,7 @@ from semisparse.export.load import load_export
 from semisparse.export.pack import pack_layer
 from semisparse.export.quant import dequantize, quantize
 from semisparse.masks import Pattern, nm_mask
-from tiny import make_tokenizer, save_model_dir
+from tiny import VOCAB, make_tokenizer, save_model_dir
 
 IDS = torch.tensor([[5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 120, 33]])
 # Stated tolerances, max |logit difference| / max |logit| of the float path: float32 activations compute the same
@@ -325,3 +325,72 @@ def test_eval_with_the_cpu_backend(exports, tmp_path, text, cli):
 
     record = json.loads(out.read_text())
     assert record["backend"]["backend"] == "cpu" and record["perplexity"][str(text)]["ppl"] > 0
+
+
+# ------------------------------------------------------------------------------------------ the LM head in int8
+
+
+def int8_rows_float64(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest with one scale per row (max |w| / 127), in float64: (w / scale, scale), the head's reference."""
+    w = weight.double()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    return w / scale, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_int8_computes_the_rounded_head(exports, dtype):
+    out = exports / "int4"
+    model = load_export(out, "cpu", dtype, backend="cpu", measure=FORCE, lm_head="int8")[0]
+    head = model.get_output_embeddings()
+    assert isinstance(head, cpu_backend.WeightOnlyLinear) and head.weight_int8.dtype == torch.int8
+    assert model.semisparse_backend["lm_head"]["path"] == "kernel"
+    reference = semisparse.load(out, dtype=torch.float32)  # tied head and embedding, float
+    # the input embedding keeps its float weight (the tie is cut, only the output side is quantized)
+    assert torch.equal(model.get_input_embeddings().weight.float(),
+                       reference.get_input_embeddings().weight.to(dtype).float())
+    # the codes are round(w / scale) but where w / scale sits within float32 rounding of a .5 boundary
+    ratio, scale = int8_rows_float64(reference.get_output_embeddings().weight.detach().to(dtype))
+    codes = head.weight_int8.double()
+    assert bool(((codes == torch.round(ratio)) | ((ratio - ratio.floor() - 0.5).abs() < 1e-4)).all())
+    assert torch.allclose(head.scales.double(), scale.squeeze(1), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    with torch.no_grad():
+        hidden = reference.model(IDS).last_hidden_state.double()
+    want = hidden @ (codes * scale).T
+    got = logits(model).double()
+    assert rel_error(got, want) <= RTOL[dtype]
+    float_head = hidden @ reference.get_output_embeddings().weight.detach().double().T
+    assert rel_error(float_head, want) > 10 * RTOL[torch.float32]  # the head really is rounded: the check can tell
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert model.generate(IDS[:, :4], **kw).shape == (1, 8)  # generate works with the kernel head
+
+
+def test_lm_head_int8_stays_float_where_slower_or_not_asked(exports):
+    out = exports / "int8"
+    slow = load_export(out, "cpu", torch.float32, backend="cpu", measure=Measure(timer=kernel_loses, say=None),
+                       lm_head="int8")[0]
+    assert isinstance(slow.get_output_embeddings(), torch.nn.Linear)
+    assert "slower than the float head" in slow.semisparse_backend["lm_head"]["reason"]
+    plain = load_cpu(out, torch.float32)
+    assert isinstance(plain.get_output_embeddings(), torch.nn.Linear)
+    assert plain.semisparse_backend["lm_head"]["path"] == "float"
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight  # still tied
+
+
+def test_lm_head_bad_choices_are_one_line_errors(exports, tmp_path, text, cli):
+    with pytest.raises(UserError, match="add --backend cpu"):
+        semisparse.load(exports / "int8", lm_head="int8")
+    with pytest.raises(UserError, match="unknown --lm-head 'int4'"):
+        semisparse.load(exports / "int8", backend="cpu", lm_head="int4")
+    r = cli("eval", exports / "int8", "--ppl", text, "--ppl-seqlen", "32", "--lm-head", "int8", "--device", "cpu",
+            "--out", tmp_path / "eval.json")
+    assert "add --backend cpu" in one_line_error(r)
+    assert not (tmp_path / "eval.json").exists()
+    out = tmp_path / "ok.json"
+    r = cli("eval", exports / "int8", "--ppl", text, "--ppl-seqlen", "32", "--backend", "cpu", "--lm-head", "int8",
+            "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "lm_head [" in r.stdout
+    import json
+
+    head = json.loads(out.read_text())["backend"]["lm_head"]
+    assert head["shape"] == [VOCAB, 64] and head["path"] in ("kernel", "float") and head["reason"]

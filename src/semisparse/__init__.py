@@ -18,7 +18,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
 __all__ = ["__version__", "load"]
 
 
-def load(path, device="cpu", dtype=None, backend=None):
+def load(path, device="cpu", dtype=None, backend=None, lm_head="float"):
     """The transformers model of an exported folder (``semisparse export``), every file's sha256 checked first.
 
     Packed weights are unpacked (and de-quantized) into the stock layers, a SLoRB branch re-attached; ``generate``
@@ -27,9 +27,11 @@ def load(path, device="cpu", dtype=None, backend=None):
     ``backend="cpu"`` (an int8/int4 packed export, on the CPU) runs the sparse layers through torch's weight-only
     CPU kernels where a short measurement finds them faster (docs/export.md); ``backend="semi-structured"`` (CUDA,
     2:4) runs them as ``torch.sparse.to_sparse_semi_structured`` weights where they measure faster than dense, and
-    says so and runs dense where it cannot. The choice is printed and kept as ``model.semisparse_backend``.
+    says so and runs dense where it cannot. With the cpu backend, ``lm_head="int8"`` also quantizes the LM head at
+    load (one scale per row) and runs it through the int8 kernel where that measures not slower. The choice is
+    printed and kept as ``model.semisparse_backend``.
     """
     from semisparse.devices import resolve_device
     from semisparse.export.load import load_export
 
-    return load_export(path, resolve_device(device), dtype, backend=backend)[0]
+    return load_export(path, resolve_device(device), dtype, backend=backend, lm_head=lm_head)[0]

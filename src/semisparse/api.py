@@ -232,6 +232,7 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     backend: str | None = None,
+    lm_head: str = "float",
 ) -> dict:
     """``semisparse eval``: perplexity on each DATA of ``ppl`` and zero-shot ``tasks``; results merged into a JSON file.
 
@@ -243,11 +244,13 @@ def evaluate(
     instead of raising UserError (asking only for missing tasks is always an error).
     ``backend`` (an exported folder only): "cpu" runs an int8/int4 export through torch's weight-only CPU kernels,
     "semi-structured" a packed 2:4 export through torch's sparse CUDA kernels (without CUDA: one line and the float
-    path) (``semisparse.load``); the per-layer choice is saved under ``backend`` in the results.
+    path) (``semisparse.load``); the per-layer choice is saved under ``backend`` in the results. ``lm_head`` "int8"
+    (cpu backend only) also runs the LM head through the int8 kernel, quantized at load.
     """
-    from semisparse.export.options import check_backend
+    from semisparse.export.options import check_backend, check_lm_head
 
     backend = check_backend(backend)
+    check_lm_head(lm_head, backend)
     if not ppl and not tasks:
         raise UserError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES")
     if limit is not None and limit <= 0:
@@ -264,7 +267,8 @@ def evaluate(
     json_out = Path(out) if out is not None else rundir.default_eval_file(model)
     rundir.eval_results_for(json_out, model)
     device = resolve_device(device)
-    loaded = load_model(model, device=device) if backend == "none" else _load_with_backend(model, device, backend)
+    loaded = (load_model(model, device=device) if backend == "none"
+              else _load_with_backend(model, device, backend, lm_head))
     record: dict = {}
     if backend != "none":
         record["backend"] = loaded.model.semisparse_backend
@@ -286,7 +290,7 @@ def evaluate(
     return record
 
 
-def _load_with_backend(model: str, device, backend: str):
+def _load_with_backend(model: str, device, backend: str, lm_head: str = "float"):
     """An exported folder through a backend (``semisparse.load``), as load_model's LoadedModel."""
     from semisparse.export.format import is_export_dir
     from semisparse.export.load import load_export
@@ -294,7 +298,7 @@ def _load_with_backend(model: str, device, backend: str):
 
     if not is_export_dir(Path(model).expanduser()):
         raise UserError(f"--backend {backend} needs an exported folder (semisparse export), not {model}")
-    net, tokenizer, manifest = load_export(Path(model).expanduser(), device, backend=backend)
+    net, tokenizer, manifest = load_export(Path(model).expanduser(), device, backend=backend, lm_head=lm_head)
     return LoadedModel(model=net, tokenizer=tokenizer, source=model, path=str(Path(model).expanduser()),
                        run_meta=None, export=manifest)
 
@@ -388,16 +392,18 @@ def bench(
     batches: list[int] | tuple[int, ...] = (1, 8),
     repeats: int = 3,
     say=print,
+    lm_head: str = "float",
 ) -> dict:
     """``semisparse bench``: the exported folder ``export`` against dense float32 and bf16 on the CPU: prefill
     tokens/s (1 × ``prefill_tokens``), decode tokens/s with the KV cache at each of ``batches`` (``new_tokens``
     greedy tokens), peak RSS, bytes on disk, the machine and versions; written to ``json`` (default
-    ./bench-<folder>.json). ``backend`` None: cpu for an int8/int4 export, else none. Returns the record."""
+    ./bench-<folder>.json). ``backend`` None: cpu for an int8/int4 export, else none; ``lm_head`` "int8": the
+    export's LM head through the int8 kernel too (cpu backend). Returns the record."""
     from semisparse.bench import BenchSettings, bench as run_bench
 
     settings = BenchSettings(prefill_tokens=prefill_tokens, new_tokens=new_tokens, batches=tuple(batches),
                              repeats=repeats)
-    return run_bench(export, device, backend, json, settings, say)
+    return run_bench(export, device, backend, json, settings, say, lm_head=lm_head)
 
 
 def report(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:

@@ -217,15 +217,16 @@ def default_json(export: Path) -> Path:
 
 
 def bench(export: str | Path, device: str = "cpu", backend: str | None = None, json: str | Path | None = None,
-          settings: BenchSettings | None = None, say: Callable[[str], None] = print) -> dict:
+          settings: BenchSettings | None = None, say: Callable[[str], None] = print, lm_head: str = "float") -> dict:
     """The record (module docstring), also written atomically to ``json`` (default ./bench-<folder>.json).
 
-    ``backend`` None: cpu for an int8/int4 packed export, else none (the float path in the export dtype)."""
+    ``backend`` None: cpu for an int8/int4 packed export, else none (the float path in the export dtype);
+    ``lm_head`` "int8": the export's LM head through the int8 kernel too (cpu backend)."""
     from semisparse import rundir
     from semisparse.devices import resolve_device
     from semisparse.export.format import read_manifest
     from semisparse.export.load import load_export
-    from semisparse.export.options import check_backend
+    from semisparse.export.options import check_backend, check_lm_head
     from semisparse.models import package_versions
 
     export = Path(export)
@@ -236,6 +237,7 @@ def bench(export: str | Path, device: str = "cpu", backend: str | None = None, j
     manifest = read_manifest(export)  # one line for a folder that is not an export, before anything is loaded
     quantized = (manifest.get("quantization") or {}).get("scheme") in ("int8", "int4")
     backend = check_backend(backend if backend is not None else ("cpu" if quantized else "none"))
+    check_lm_head(lm_head, backend)
     if backend == "cpu":
         from semisparse.export.load import check_cpu_backend
 
@@ -263,14 +265,15 @@ def bench(export: str | Path, device: str = "cpu", backend: str | None = None, j
     measure = (cuda_backend if backend == "semi-structured" else cpu_backend).Measure(say=say)
     models["export"], model = _run_one(
         f"export ({backend} backend)",
-        lambda: load_export(export, "cpu", None, backend=backend, measure=measure)[0], settings, say)
+        lambda: load_export(export, "cpu", None, backend=backend, measure=measure, lm_head=lm_head)[0], settings, say)
     models["export"].update(bytes_on_disk=_folder_bytes(export), backend=backend,
                             quantization=manifest["quantization"]["scheme"], export_dtype=manifest.get("dtype"))
     choice = getattr(model, "semisparse_backend", None)
     del model
     import datetime as _dt
 
-    record = {"export": str(export), "device": "cpu", "backend": backend, "settings": asdict(settings), **info,
+    record = {"export": str(export), "device": "cpu", "backend": backend, "lm_head": lm_head,
+              "settings": asdict(settings), **info,
               "models": models, "ratios": _ratios(models), "backend_choice": choice,
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     record["settings"]["batches"] = list(settings.batches)

@@ -34,6 +34,8 @@ BACKEND_HELP = ("An exported folder's kernels: none (de-quantized float weights)
                 "through torch's weight-only CPU kernels, per layer where measured faster) or semi-structured (a "
                 "packed 2:4 export through torch's sparse CUDA kernels, per layer where measured faster; without "
                 "CUDA it says so and runs dense; docs/export.md).")
+LM_HEAD_HELP = ("float (as exported) or int8: with --backend cpu, the LM head quantized at load (one scale per row) "
+                "and run through the int8 kernel where measured not slower.")
 
 
 def _methods() -> str:
@@ -263,6 +265,7 @@ def eval_(
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     backend: str = typer.Option("none", help=BACKEND_HELP),
+    lm_head: str = typer.Option("float", help=LM_HEAD_HELP),
 ) -> None:
     """Evaluate MODEL: perplexity with its protocol, and zero-shot accuracy."""
     from semisparse import api
@@ -270,7 +273,7 @@ def eval_(
     record = api.evaluate(
         model, ppl=ppl, ppl_seqlen=ppl_seqlen, ppl_max_windows=ppl_max_windows, batch_size=batch_size,
         text_field=text_field, tasks=_split(tasks), task_data=str(task_data) if task_data else None, limit=limit,
-        skip_missing=skip_missing, out=out, device=device, backend=backend,
+        skip_missing=skip_missing, out=out, device=device, backend=backend, lm_head=lm_head,
     )
     if "perplexity" in record:
         console.print(_ppl_table(f"perplexity of {model}", record["perplexity"]))
@@ -344,12 +347,13 @@ def bench(
     new_tokens: int = typer.Option(128, help="Decode: greedy new tokens per generate call."),
     batch: Optional[list[int]] = typer.Option(None, help="Decode batch size (repeatable; default 1 and 8)."),
     repeats: int = typer.Option(3, help="Median of this many timed calls."),
+    lm_head: str = typer.Option("float", help=LM_HEAD_HELP),
 ) -> None:
     """Time an exported model against dense fp32 and bf16 on the CPU: prefill and decode tokens/s, RSS, bytes."""
     from semisparse import api
 
     r = api.bench(export, device=device, backend=backend, json=json, prefill_tokens=prefill_tokens,
-                  new_tokens=new_tokens, batches=tuple(batch) if batch else (1, 8), repeats=repeats,
+                  new_tokens=new_tokens, batches=tuple(batch) if batch else (1, 8), repeats=repeats, lm_head=lm_head,
                   say=lambda msg: console.print(msg, markup=False, highlight=False))
     table = Table(title=f"bench of {export} ({r['backend']} backend)")
     batches = list(r["models"]["export"]["decode_tokens_per_s"])

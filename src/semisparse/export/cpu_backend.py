@@ -13,6 +13,11 @@ the kernel's group G (32, 64, 128 or 256) is the largest dividing g·M/N and eac
 Per layer: a shape the kernel does not take (below), a SLoRB layer, a kernel output that differs from the float
 path on a probe input, or a kernel that measures slower than the float path at any of the measured token counts
 keeps the float layer (the de-quantized weight, in the activation dtype). Layers of one shape share a measurement.
+
+``lm_head="int8"``: the LM head, stored in float (never pruned), is quantized at load with export/quant.py's int8
+rule (round to nearest, one scale per output row) and runs through the int8 kernel under the same probe (against
+its own de-quantized weight) and timing (against the float head it replaces). A tied input embedding keeps its
+float weight: only the output projection changes.
 """
 
 from __future__ import annotations
@@ -78,14 +83,19 @@ def int4_kernel_group(group_size: int, pattern: Pattern) -> int | None:
     return next((g for g in INT4_KERNEL_GROUPS if dense % g == 0), None)
 
 
+def int8_unsupported(in_features: int, dtype: torch.dtype) -> str | None:
+    """Why the int8 kernel cannot take this input width (None: it can)."""
+    if dtype == torch.bfloat16 and in_features % 16:
+        # measured on torch 2.13: wrong results or a segfault, so never call it (the probe cannot catch a crash)
+        return f"in_features {in_features} is not a multiple of 16 (the bf16 int8 kernel needs it)"
+    return None
+
+
 def unsupported(scheme: str, layer: QuantizedLayer, pattern: Pattern, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot run this layer (None: it can)."""
     out_f, in_f = layer.shape
     if scheme == "int8":
-        if dtype == torch.bfloat16 and in_f % 16:
-            # measured on torch 2.13: wrong results or a segfault, so never call it (the probe cannot catch a crash)
-            return f"in_features {in_f} is not a multiple of 16 (the bf16 int8 kernel needs it)"
-        return None
+        return int8_unsupported(in_f, dtype)
     if out_f % 16:
         return f"out_features {out_f} is not a multiple of 16 (the int4 packing needs it)"
     if int4_kernel_group(layer.group_size, pattern) is None:
@@ -183,11 +193,14 @@ def _probe_error(kernel: nn.Module, module: nn.Module, x: torch.Tensor) -> float
 
 
 def _measure_shape(kernel: nn.Module, module: nn.Module, shape: tuple[int, int], dtype: torch.dtype,
-                   measure: Measure) -> tuple[str, str, dict]:
-    """(path, reason, timings µs) for one shape, the first layer of that shape standing for all."""
+                   measure: Measure, same: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[str, str, dict]:
+    """(path, reason, timings µs) for one shape, the first layer of that shape standing for all. The probe compares
+    the kernel with ``same`` (the float path of the very same weights; default ``module``), the timing with
+    ``module`` (the layer it would replace)."""
     gen = torch.Generator().manual_seed(measure.seed)
     x = torch.randn(max(measure.tokens), shape[1], generator=gen).to(dtype)
-    error = _probe_error(kernel, module, x)
+    error = _probe_error(kernel, same or module, x)
     if not error <= PROBE_RTOL[dtype]:
         return "float", f"the kernel's output differs from the float path (relative error {error:.1e})", {}
     timings, slower = {}, []
@@ -203,10 +216,44 @@ def _measure_shape(kernel: nn.Module, module: nn.Module, shape: tuple[int, int],
     return "kernel", "measured not slower than the float path", timings
 
 
+def lm_head_kernel(head: nn.Linear, dtype: torch.dtype) -> tuple[WeightOnlyLinear, torch.Tensor]:
+    """The LM head through the int8 kernel, and its de-quantized weight (the float path of the same codes)."""
+    from semisparse.export.quant import quantize
+
+    weight = head.weight.detach()
+    q = quantize(weight, "int8", None, torch.float32)
+    bias = None if head.bias is None else head.bias.detach().to(dtype).clone()
+    kernel = WeightOnlyLinear("int8", weight.shape[0], weight.shape[1], bias,
+                              {"weight_int8": q.codes, "scales": q.scales.to(dtype).contiguous()})
+    return kernel, (q.codes.float() * q.scales[:, None]).to(dtype)
+
+
+def _apply_lm_head(model: nn.Module, dtype: torch.dtype, measure: Measure) -> dict:
+    """Swap the LM head for the int8 kernel where the probe and the timing allow; the record of that choice."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return {"path": "float", "reason": f"the output layer is a {type(head).__name__}, not a linear layer"}
+    shape = tuple(head.weight.shape)
+    record = {"shape": list(shape), "scheme": "int8 (quantized at load: round to nearest, one scale per row)"}
+    reason = int8_unsupported(shape[1], dtype)
+    if reason is not None:
+        return {**record, "path": "float", "reason": reason}
+    kernel, weight = lm_head_kernel(head, dtype)
+    bias = kernel.bias
+    path, reason, timings = _measure_shape(kernel, head, shape, dtype, measure,
+                                           same=lambda x: torch.nn.functional.linear(x, weight, bias))
+    if path == "kernel":
+        model.set_output_embeddings(kernel)  # a tied input embedding keeps its own float weight
+        model.config.tie_word_embeddings = False  # so nothing re-ties a float weight over the kernel
+    return {**record, "path": path, "reason": reason.replace("float path", "float head"), "timings": timings}
+
+
 def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], pattern: Pattern, scheme: str,
-                      dtype: torch.dtype, dtype_reason: str, measure: Measure | None = None) -> dict:
-    """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel where chosen; returns
-    the choice (also printed through ``measure.say``): per layer path, reason, kernel group and timings."""
+                      dtype: torch.dtype, dtype_reason: str, measure: Measure | None = None,
+                      lm_head: str = "float") -> dict:
+    """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel where chosen, and with
+    ``lm_head="int8"`` the LM head too; returns the choice (also printed through ``measure.say``): per layer path,
+    reason, kernel group and timings."""
     from semisparse.train.sparse_linear import SparseLinear
 
     measure = measure or Measure()
@@ -231,11 +278,12 @@ def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], patte
                                    "timings": timings}
             if path == "kernel":
                 model.set_submodule(name, kernel)
+        head = _apply_lm_head(model, dtype, measure) if lm_head == "int8" else None
     chosen = sum(r["path"] == "kernel" for r in report_layers.values())
     report = {"backend": "cpu", "scheme": scheme, "activation_dtype": str(dtype).removeprefix("torch."),
               "activation_dtype_reason": dtype_reason, "measured_tokens": list(measure.tokens),
               "torch": torch.__version__, "kernel_layers": chosen, "float_layers": len(report_layers) - chosen,
-              "layers": report_layers}
+              "layers": report_layers, "lm_head": head or {"path": "float", "reason": "as exported (lm_head float)"}}
     if measure.say is not None:
         for line in describe(report):
             measure.say(line)
@@ -247,6 +295,9 @@ def describe(report: dict) -> list[str]:
     lines = [f"cpu backend: {report['kernel_layers']} of {report['kernel_layers'] + report['float_layers']} sparse "
              f"layers through the {report['scheme']} kernel, activations {report['activation_dtype']} "
              f"({report['activation_dtype_reason']})"]
+    head = report.get("lm_head") or {}
+    if head.get("scheme"):  # asked for: say what became of it
+        lines.append(f"  lm_head {head.get('shape')}: {head['path']}: {head['reason']}")
     return lines + layer_lines(report)
 
 

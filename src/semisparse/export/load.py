@@ -128,22 +128,25 @@ def check_semi_structured_backend(path: Path, manifest: dict) -> None:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                backend: str | None = None, measure=None):
+                backend: str | None = None, measure=None, lm_head: str = "float"):
     """(model, tokenizer, manifest) of an exported folder; ``dtype`` None: the export dtype.
 
     ``backend`` "cpu" (int8/int4 packed exports, on the CPU): sparse layers through torch's weight-only kernels
     where a short measurement (``measure``: a cpu_backend.Measure) finds them not slower; ``dtype`` None there means
-    bf16 on a CPU with native bf16, else float32. The choice is printed and kept as ``model.semisparse_backend``.
+    bf16 on a CPU with native bf16, else float32; ``lm_head`` "int8" also quantizes the (float) LM head at load and
+    runs it through the int8 kernel where that measures not slower. The choice is printed and kept as
+    ``model.semisparse_backend``.
     ``backend`` "semi-structured" (packed exports): 2:4 layers through torch's semi-structured CUDA kernels where a
     short measurement (``measure``: a cuda_backend.Measure) finds them faster and a probe finds them equal; ``dtype``
     None there means the export dtype (bf16 for a float32 export). Without CUDA or for a pattern other than 2:4 it
     prints one line saying why and runs the float path, the record saying the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from semisparse.export.options import check_backend
+    from semisparse.export.options import check_backend, check_lm_head
 
     path = Path(path)
     backend = check_backend(backend)
+    check_lm_head(lm_head, backend)
     manifest = verify(path)
     scheme = check_cpu_backend(path, manifest, device) if backend == "cpu" else None
     if scheme is not None:
@@ -166,7 +169,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 
             model, quantized = _load_packed(path, manifest, dtype, keep_quantized=True)
             model.semisparse_backend = apply_cpu_backend(model, quantized, Pattern.parse(manifest["pattern"]),
-                                                         scheme, dtype, dtype_reason, measure)
+                                                         scheme, dtype, dtype_reason, measure, lm_head)
         else:
             model = _load_packed(path, manifest, dtype)
         if manifest["format"] != FORMAT_NAMES["hf"]:  # what from_pretrained gives an hf folder, for every backend

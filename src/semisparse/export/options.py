@@ -75,3 +75,18 @@ def check_backend(backend: str | None) -> str:
     backend = "none" if backend is None else backend
     _choice("--backend", backend, BACKENDS)
     return backend
+
+
+#: ``lm_head=`` / ``--lm-head``: float = the LM head as exported (it is never pruned or quantized in the file);
+#: int8 = the cpu backend quantizes it at load, round to nearest with one scale per output row (a vocabulary
+#: entry), and runs it through the int8 weight-only kernel where that measures not slower. Decoding a small model
+#: spends a large share of each token in the LM head (SmolLM2-135M: 28 M of its 135 M weights).
+LM_HEADS = ("float", "int8")
+
+
+def check_lm_head(lm_head: str, backend: str) -> str:
+    """The LM head's choice; a one-line UserError for an unknown one or int8 without the cpu backend."""
+    _choice("--lm-head", lm_head, LM_HEADS)
+    if lm_head != "float" and backend != "cpu":
+        raise UserError(f"--lm-head {lm_head} runs through the cpu backend's int8 kernel: add --backend cpu")
+    return lm_head
