@@ -289,7 +289,8 @@ def test_tokenizer_is_the_run_directorys(tmp_path, request, which):
     export(run_dir, tmp_path / "m.gguf")
     fields, _ = read_gguf(tmp_path / "m.gguf")
     tokens = fields["tokenizer.ggml.tokens"]
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    # llama.cpp's names (src/llama-vocab.cpp): the model "gpt2", GPT-2's pre-tokenizer "gpt-2" (with a hyphen)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert tokens[:len(vocab)] == [vocab[i] for i in range(len(vocab))]
     assert tokens[len(vocab):] == [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
     want_types = [3 if i in special else 1 if i in vocab else 5 for i in range(cfg["vocab_size"])]

@@ -201,12 +201,15 @@ def _string_list(key: str, values: list[str]) -> KV:
 
 
 def _pre_tokenizer(spec: dict | None) -> str | None:
-    """llama.cpp's name for the split a byte-level tokenizer.json describes (None: not one llama.cpp names)."""
+    """llama.cpp's name for the split a byte-level tokenizer.json describes (None: not one llama.cpp names).
+
+    The names are llama.cpp's (src/llama-vocab.cpp): "gpt-2" with a hyphen (a file saying "gpt2" fails to load:
+    "unknown pre-tokenizer type"), "smollm"."""
     def byte_level(step):
         return step.get("type") == "ByteLevel" and step.get("use_regex", True)
 
     if spec and byte_level(spec):
-        return "gpt2"  # GPT-2's regex, which ByteLevel(use_regex=True) applies
+        return "gpt-2"  # GPT-2's regex, which ByteLevel(use_regex=True) applies
     steps = (spec or {}).get("pretokenizers") or []
     if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
             and byte_level(steps[1])):
