@@ -4,11 +4,12 @@ Each (method, calibration) cell runs in its own subprocess so that its peak RSS 
 measured in the same run as the baseline; times are reported as ratios to magnitude pruning (the cheapest).
 
     .venv/bin/python benchmarks/oneshot_ppl.py [--nsamples 128] [--seqlen 512] [--windows 32] [--out FILE.json]
-        [--calib-sampler random|reference] [--tie-order stable|reference] [--cells dense,magnitude,...]
-        [--wikitext-only]
+        [--calib-sampler random|reference] [--tie-order stable|reference] [--calib-stats float64|reference]
+        [--cells dense,magnitude,...] [--wikitext-only]
 
-`--calib-sampler reference --tie-order reference --cells dense,magnitude,wanda,sparsegpt --wikitext-only` is the
-reference-code comparison (the SparseGPT/Wanda repositories' calibration draw and tie rule, C4 calibration).
+`--calib-sampler reference --tie-order reference --calib-stats reference --cells dense,magnitude,wanda,sparsegpt
+--wikitext-only` is the reference-code comparison (the SparseGPT/Wanda repositories' calibration draw, tie rule and
+float32 running-mean statistics, C4 calibration).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def worker(args) -> None:
     model, tok = loaded.model, loaded.tokenizer
     prune_s = 0.0
     if args.method != "dense":
-        method = get_method(args.method, args.tie_order)
+        method = get_method(args.method, args.tie_order, args.calib_stats)
         windows = None
         if method.needs_calibration:
             source = data.load_text(args.calib, split="train")
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "oneshot_ppl.json")
     p.add_argument("--calib-sampler", default="random", choices=["random", "reference"])
     p.add_argument("--tie-order", default="stable", choices=["stable", "reference"])
+    p.add_argument("--calib-stats", default="float64", choices=["float64", "reference"])
     p.add_argument("--cells", default="dense,magnitude,wanda:c4,sparsegpt:c4,wanda:default,sparsegpt:default",
                    help="comma-separated METHOD[:c4|default] cells to run")
     p.add_argument("--wikitext-only", action="store_true", help="skip the held-out default perplexity")
@@ -98,7 +100,7 @@ def main() -> None:
     for method, calib in cells:
         cmd = [sys.executable, __file__, "--worker", "--method", method, "--calib", calib if calib != "-" else str(C4),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--windows", str(args.windows),
-               "--calib-sampler", args.calib_sampler, "--tie-order", args.tie_order]
+               "--calib-sampler", args.calib_sampler, "--tie-order", args.tie_order, "--calib-stats", args.calib_stats]
         if args.wikitext_only:
             cmd.append("--wikitext-only")
         start = time.perf_counter()
@@ -115,7 +117,7 @@ def main() -> None:
         "versions": package_versions(),
         "settings": {"model": "SmolLM2-135M-Instruct (shipped GGUF Q4_1, de-quantised to fp32)", "pattern": "2:4",
                      "calibration": f"{args.nsamples} x {args.seqlen} tokens, seed 0, sampler {args.calib_sampler}",
-                     "tie_order": args.tie_order,
+                     "tie_order": args.tie_order, "calib_stats": args.calib_stats,
                      "ppl": f"seqlen 2048, stride 2048, first {args.windows} windows"},
     }
     print("\n" + json.dumps(header, indent=1))

@@ -1,4 +1,5 @@
-"""Options that reproduce the SparseGPT/Wanda reference codes: their calibration draw and their tie order."""
+"""Options that reproduce the SparseGPT/Wanda reference codes: their calibration draw, their tie order and their
+float32 running-mean statistics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from semisparse import api, data
 from semisparse.errors import UserError
 from semisparse.masks import Pattern, nm_mask
+from semisparse.prune import get_method
 from semisparse.prune.sparsegpt import sparsegpt_prune
 
 REFERENCE_SHA256 = "b2c209e079f4fccb9acfe14e5f16ba3d95e33a22ec33b0e9c664bd68feaeb8a6"  # the issue's tensor
@@ -108,13 +110,59 @@ def test_reference_sampler_draws_the_reference_tensor(shared_data):
     assert hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest() == REFERENCE_SHA256
 
 
+def samples(count=5, tokens=7, width=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(tokens, width, generator=g) * 3 for _ in range(count)]
+
+
+def test_reference_statistics_follow_the_published_accumulation():
+    """calib_stats "reference": Wanda's layerwrapper and SparseGPT's add_batch loops, as written there (one sample per
+    call, float32 running means); "float64": plain sums. Both against float64 arithmetic by hand."""
+    xs = samples()
+    # Wanda's WrappedGPT.add_batch, transcribed: inp [tokens, cols] -> .t(), tmp = 1 sample
+    scaler, n = torch.zeros(12), 0
+    for x in xs:
+        inp = x.t()
+        scaler *= n / (n + 1)
+        n += 1
+        scaler += torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2 / n
+    # SparseGPT's add_batch, transcribed
+    H, n = torch.zeros(12, 12), 0
+    for x in xs:
+        inp = x.t()
+        H *= n / (n + 1)
+        n += 1
+        inp = (2 / n) ** 0.5 * inp.float()
+        H += inp.matmul(inp.t())
+    exact_sq = sum(x.double().pow(2).sum(0) for x in xs)
+    exact_xtx = sum(x.double().t() @ x.double() for x in xs)
+    for calib_stats in ("reference", "float64"):
+        wanda, sgpt = get_method("wanda", calib_stats=calib_stats), get_method("sparsegpt", calib_stats=calib_stats)
+        ws, hs = wanda.new_stats(12), sgpt.new_stats(12)
+        for x in xs:
+            wanda.observe(ws, x)
+            sgpt.observe(hs, x)
+        if calib_stats == "reference":
+            assert ws["sq"].dtype == torch.float32 and torch.equal(ws["sq"], scaler)
+            assert torch.equal(sgpt.hessian(hs), H)
+            # the same quantities as the float64 sums, up to the per-sample mean's scale
+            assert torch.allclose(ws["sq"].double() * len(xs), exact_sq, rtol=1e-5)
+            assert torch.allclose(sgpt.hessian(hs).double() * len(xs) / 2, exact_xtx, rtol=1e-5, atol=1e-4)
+        else:
+            assert ws["sq"].dtype == torch.float64 and torch.allclose(ws["sq"], exact_sq, rtol=1e-12)
+            assert torch.allclose(sgpt.hessian(hs), 2 * exact_xtx / (7 * len(xs)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="unknown --calib-stats 'fp16'"):
+        get_method("wanda", calib_stats="fp16")
+
+
 def test_prune_records_both_options(tmp_path, tiny_dir, text, fixture_data):
     out = tmp_path / "ref"
     calib = str(fixture_data / "c4" / "c4_train_shard0_first1000.jsonl")
     api.prune(str(tiny_dir), "wanda", "2:4", calib, out, nsamples=2, seqlen=8, calib_sampler="reference",
-              tie_order="reference", progress=False)
+              tie_order="reference", calib_stats="reference", progress=False)
     meta = json.loads((out / "semisparse.json").read_text())
     assert meta["tie_order"] == "reference" and meta["calibration"]["sampler"] == "reference"
+    assert meta["calib_stats"] == "reference"
     masks = load_file(str(out / "masks.safetensors"))
     assert all(m.dtype == torch.bool for m in masks.values())
     with pytest.raises(UserError, match="unknown calibration sampler"):
@@ -125,15 +173,26 @@ def test_recipes_configs_and_flags_name_both_options(tmp_path, tiny_dir, cli):
     from semisparse.config import load_recipe
     from semisparse.pipeline.config import PipelineConfig
 
-    recipe, _ = load_recipe("ast-naive", {"init.calib_sampler": "reference", "init.tie_order": "reference"})
+    recipe, _ = load_recipe("ast-naive", {"init.calib_sampler": "reference", "init.tie_order": "reference",
+                                          "init.calib_stats": "reference"})
     assert recipe.init.calib_sampler == "reference" and recipe.init.tie_order == "reference"
+    assert recipe.init.calib_stats == "reference"
+    with pytest.raises(UserError, match="init.calib_stats"):
+        load_recipe("ast-naive", {"init.calib_stats": "float16"})
     with pytest.raises(UserError, match="init.tie_order"):
         load_recipe("ast-naive", {"init.tie_order": "lowest"})
-    cfg = PipelineConfig.model_validate({"prune": {"calib_sampler": "reference", "tie_order": "reference"}})
-    assert cfg.prune.tie_order == "reference"
+    cfg = PipelineConfig.model_validate({"prune": {"calib_sampler": "reference", "tie_order": "reference",
+                                                   "calib_stats": "reference"}})
+    assert cfg.prune.tie_order == "reference" and cfg.prune.calib_stats == "reference"
     r = cli("prune", tiny_dir, "--method", "magnitude", "--tie-order", "reference",
                        "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "m" / "semisparse.json").read_text())["tie_order"] == "reference"
     r = cli("prune", tiny_dir, "--tie-order", "lowest", "--out", tmp_path / "x")
     assert r.returncode == 2 and "unknown tie order 'lowest'" in r.stderr
+    r = cli("prune", tiny_dir, "--method", "wanda", "--calib-stats", "reference", "--nsamples", "2", "--seqlen", "8",
+            "--out", tmp_path / "w")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "w" / "semisparse.json").read_text())["calib_stats"] == "reference"
+    r = cli("prune", tiny_dir, "--method", "wanda", "--calib-stats", "half", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "unknown --calib-stats 'half'" in r.stderr

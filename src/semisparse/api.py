@@ -123,12 +123,14 @@ def prune(
     progress: bool = True,
     calib_sampler: str = "random",
     tie_order: str = "stable",
+    calib_stats: str = "float64",
 ) -> dict:
     """``semisparse prune``: prune a model one-shot to N:M and (if ``out``) write a run directory. Returns the provenance
-    record. ``calib_sampler`` (data.CALIB_SAMPLERS) and ``tie_order`` (masks.TIE_ORDERS) "reference" reproduce the
-    SparseGPT/Wanda reference codes' calibration draw and tie rule."""
+    record. ``calib_sampler`` (data.CALIB_SAMPLERS), ``tie_order`` (masks.TIE_ORDERS) and ``calib_stats``
+    (prune.CALIB_STATS) "reference" reproduce the SparseGPT/Wanda reference codes' calibration draw, tie rule and
+    float32 running-mean statistics."""
     pattern_obj = Pattern.parse(pattern)
-    pruner = get_method(method, tie_order)
+    pruner = get_method(method, tie_order, calib_stats)
     if calib_sampler not in data_mod.CALIB_SAMPLERS:
         raise UserError(f"unknown calibration sampler {calib_sampler!r} (choose from "
                         f"{', '.join(data_mod.CALIB_SAMPLERS)})")
@@ -182,6 +184,7 @@ def prune(
                          if n not in result.masks],
         "calibration": calibration,
         "tie_order": tie_order,
+        "calib_stats": calib_stats if pruner.needs_calibration else None,
         "seed": seed,
         "sparse_weights": {"kept": kept, "total": total, "density": kept / total if total else None},
         "prune_seconds": round(elapsed, 2),

@@ -172,6 +172,8 @@ def prune(
                                       "SparseGPT/Wanda codes' draw, to reproduce their numbers)."),
     tie_order: str = typer.Option("stable", help="Equal scores in a group: stable (ties to the lower index) or "
                                   "reference (as torch.topk(largest=False) in the SparseGPT/Wanda codes)."),
+    calib_stats: str = typer.Option("float64", help="Wanda/SparseGPT statistics: float64 (plain sums) or reference "
+                                    "(the SparseGPT/Wanda codes' float32 running means, to reproduce their numbers)."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet data."),
     include: Optional[list[str]] = typer.Option(None, help="Regex on layer names to prune (repeatable)."),
     exclude: Optional[list[str]] = typer.Option(None, help="Regex on layer names to keep dense (repeatable)."),
@@ -188,7 +190,7 @@ def prune(
     meta = api.prune(
         model, method, pattern, calib, out, nsamples, seqlen, seed, text_field, _layer_filter(include, exclude),
         skip_indivisible, ppl, ppl_seqlen, ppl_max_windows, device, overwrite,
-        calib_sampler=calib_sampler, tie_order=tie_order,
+        calib_sampler=calib_sampler, tie_order=tie_order, calib_stats=calib_stats,
     )
     sw = meta["sparse_weights"]
     console.print(

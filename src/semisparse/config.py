@@ -80,6 +80,8 @@ class InitConfig(StrictSection):
         "random", description="random: windows of the joined text; reference: the SparseGPT/Wanda codes' draw")
     tie_order: Literal["stable", "reference"] = Field(
         "stable", description="equal scores: ties to the lower index, or as torch.topk(largest=False) (reference)")
+    calib_stats: Literal["float64", "reference"] = Field(
+        "float64", description="wanda/sparsegpt statistics: float64 sums, or the reference codes' float32 running mean")
     pruned_weights: Literal["dense", "zero"] = Field(
         "dense",
         description="start of the pruned weights after a one-shot init: their dense values (the paper: AST trains "

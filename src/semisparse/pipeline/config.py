@@ -38,6 +38,8 @@ class PruneSection(_Section):
     text_field: str = "text"
     calib_sampler: Literal["random", "reference"] = Field("random", description="reference: the SparseGPT/Wanda draw")
     tie_order: Literal["stable", "reference"] = Field("stable", description="reference: torch.topk(largest=False)")
+    calib_stats: Literal["float64", "reference"] = Field(
+        "float64", description="reference: the SparseGPT/Wanda codes' float32 running-mean statistics")
 
     @field_validator("method")
     @classmethod

@@ -102,7 +102,7 @@ class PruneStage:
         # Pruning is one atomic write: an interrupted prune left nothing behind and simply runs again.
         api.prune(ctx.cfg.model, p.method, ctx.cfg.pattern, p.calib, ctx.dir(self.name), p.nsamples, p.seqlen,
                   p.seed, p.text_field, device=ctx.cfg.device, overwrite=True, progress=ctx.progress,
-                  calib_sampler=p.calib_sampler, tie_order=p.tie_order)
+                  calib_sampler=p.calib_sampler, tie_order=p.tie_order, calib_stats=p.calib_stats)
 
 
 class TrainStage:

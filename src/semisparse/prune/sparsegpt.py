@@ -7,6 +7,8 @@ not-yet-pruned columns. Masks are chosen with ``nm_mask`` so N:M lives in one pl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from semisparse.masks import Pattern, nm_mask
@@ -16,6 +18,7 @@ class SparseGPT:
     name = "sparsegpt"
     needs_calibration = True
     tie_order = "stable"
+    calib_stats = "float64"
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
         self.blocksize = blocksize
@@ -23,15 +26,27 @@ class SparseGPT:
 
     def new_stats(self, in_features: int, device: torch.device | None = None) -> dict:
         # Σ x xᵀ accumulated in float64 (each batch's product in float32) and the number of rows seen, on the
-        # inputs' device: no host copy per calibration sample.
-        return {"xtx": torch.zeros(in_features, in_features, dtype=torch.float64, device=device), "n": 0}
+        # inputs' device: no host copy per calibration sample. calib_stats "reference": the reference code's
+        # float32 running H and the number of samples.
+        dtype = torch.float32 if self.calib_stats == "reference" else torch.float64
+        return {"xtx": torch.zeros(in_features, in_features, dtype=dtype, device=device), "n": 0}
 
     def observe(self, stats: dict, x: torch.Tensor) -> None:
+        """One calibration sample's inputs x [tokens, in] (the driver runs the samples one at a time)."""
         x = x.float()
+        if self.calib_stats == "reference":
+            # SparseGPT's add_batch: H ← H·n/(n+1) + (√(2/(n+1))·x)ᵀ(√(2/(n+1))·x), n counting samples, in float32
+            stats["xtx"] *= stats["n"] / (stats["n"] + 1)
+            stats["n"] += 1
+            x = math.sqrt(2 / stats["n"]) * x
+            stats["xtx"] += (x.t() @ x).to(stats["xtx"].device)
+            return
         stats["xtx"] += (x.t() @ x).to(stats["xtx"].device, torch.float64)
         stats["n"] += x.shape[0]
 
     def hessian(self, stats: dict) -> torch.Tensor:
+        if self.calib_stats == "reference":
+            return stats["xtx"]  # already 2/n Σ x xᵀ, n in samples (a scale that changes no mask nor update)
         return 2.0 * stats["xtx"] / max(stats["n"], 1)
 
     def prune(self, weight: torch.Tensor, stats: dict, pattern: Pattern) -> torch.Tensor:

@@ -16,14 +16,25 @@ class Wanda:
     name = "wanda"
     needs_calibration = True
     tie_order = "stable"
+    calib_stats = "float64"
 
-    def new_stats(self, in_features: int, device: torch.device | None = None) -> torch.Tensor:
-        return torch.zeros(in_features, dtype=torch.float64, device=device)  # on the inputs' device
+    def new_stats(self, in_features: int, device: torch.device | None = None) -> dict:
+        dtype = torch.float32 if self.calib_stats == "reference" else torch.float64
+        return {"sq": torch.zeros(in_features, dtype=dtype, device=device), "n": 0}  # on the inputs' device
 
-    def observe(self, stats: torch.Tensor, x: torch.Tensor) -> None:
-        stats += x.double().pow(2).sum(0).to(stats.device)
+    def observe(self, stats: dict, x: torch.Tensor) -> None:
+        """One calibration sample's inputs x [tokens, in] (the driver runs the samples one at a time)."""
+        if self.calib_stats == "reference":
+            # Wanda's layerwrapper: a float32 running mean over samples of each column's squared L2 norm.
+            stats["sq"] *= stats["n"] / (stats["n"] + 1)
+            stats["n"] += 1
+            stats["sq"] += torch.norm(x.float().t(), p=2, dim=1).to(stats["sq"].device) ** 2 / stats["n"]
+        else:
+            stats["sq"] += x.double().pow(2).sum(0).to(stats["sq"].device)
+            stats["n"] += 1
 
-    def prune(self, weight: torch.Tensor, stats: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-        mask = nm_mask(wanda_scores(weight, stats.to(weight.device)), pattern, self.tie_order)
+    def prune(self, weight: torch.Tensor, stats: dict, pattern: Pattern) -> torch.Tensor:
+        # a per-column scale (the running mean's 1/n) changes no comparison within a row's group
+        mask = nm_mask(wanda_scores(weight, stats["sq"].to(weight.device)), pattern, self.tie_order)
         weight.mul_(mask)
         return mask

@@ -147,7 +147,7 @@ def init_masks(net: nn.Module, cfg: Recipe, stream: torch.Tensor, seq_len: int, 
     recompute then keeps the pruner's mask instead of reverting groups to magnitude's choice)."""
     from semisparse.prune import get_method, prune_model
 
-    pruner = get_method(cfg.init.source, cfg.init.tie_order)
+    pruner = get_method(cfg.init.source, cfg.init.tie_order, cfg.init.calib_stats)
     windows = None
     if pruner.needs_calibration:
         calib_len = min(cfg.init.calib_seqlen or seq_len, stream.numel() - 1)
