@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,12 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 from ast_quality import run_state  # noqa: E402
+from recipe_comparison import C4, C4_VAL, ROOT, WIKI  # noqa: E402  (the shared data files, defined once)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
-WIKI = DATA / "wikitext2" / "wiki.valid.raw"
-C4 = DATA / "c4" / "c4_train_shard0_first1000.jsonl"
-C4_VAL = DATA / "c4" / "c4_validation_2k.jsonl"
 ROWS = ("c4", "generated", "mixture")
 
 

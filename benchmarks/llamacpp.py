@@ -48,15 +48,6 @@ EXPORTS = ("q8_0", "q4_0")
 PROMPT_TOKENS = 8
 
 
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 class LlamaCpp:
     """One GGUF file in llama.cpp, driven token by token through llama-cpp-python's Llama object."""
 
@@ -116,12 +107,14 @@ class LlamaCpp:
 def llama_cpp_numbers(path: Path, windows, args) -> dict:
     import torch
 
+    from semisparse.bench import _median_seconds  # the median-of-repeats timer `semisparse bench` uses
+
     gen = torch.Generator().manual_seed(0)
     speed = LlamaCpp(path, n_ctx=max(args.prefill_tokens, PROMPT_TOKENS + args.new_tokens), threads=args.threads,
                      logits_all=False, extra_bufts=args.extra_bufts)
     ids = torch.randint(0, speed.vocab, (args.prefill_tokens,), generator=gen).tolist()
     speed.run(ids[:16])  # warm-up
-    prefill_s = median_s(lambda: speed.run(ids), args.repeats)
+    prefill_s = _median_seconds(lambda: speed.run(ids), args.repeats)
     prompt = ids[:PROMPT_TOKENS]
     speed.decode(prompt, 2)  # warm-up
     decode = [speed.decode(prompt, args.new_tokens) for _ in range(args.repeats)]
