@@ -14,8 +14,9 @@ the trainer's own --resume; each evaluation is written atomically beside its run
   report    one JSON (benchmarks/results/recipe_comparison.json), a markdown table and the loss / flip-rate figure.
 
 Run directories (runs/, not committed) do not outlive a session here, so a row is trained, evaluated and summarised
-in one go, and its summary lands in benchmarks/results/recipe_comparison/ROW.json (committed): the report joins rows
-that different sessions (or machines: each summary names its own) produced. Every row runs in bf16 autocast whatever
+in one go, and its summary lands in benchmarks/results/recipe_comparison/ (committed; ROW@INIT_KEY.json for a
+SparseGPT row, ROW.json for a magnitude row): the report joins rows that different sessions (or machines: each
+summary names its own) produced. Every row runs in bf16 autocast whatever
 the CPU by default, so a row's numbers do not depend on which machine ran it (only its tokens/s does); on a CPU
 without native bf16 that is ~3x slower than fp32 (a 500k-token row takes hours), so --precision fp32 exists for such
 machines, and the report compares rows only within one precision and one init (the SparseGPT init is re-pruned on
@@ -137,9 +138,25 @@ def finish_row(args, name: str) -> None:
     summary = summarize(args, name)
     if summary is not None:
         summary["machine"] = machine.describe()
-        atomic_write_json(ROW_RESULTS / f"{name}.json", summary, indent=1)
-        print(f"[compare] {name}: wiki {summary['wiki_ppl']:.2f}, c4 {summary['c4_ppl']:.2f} -> "
-              f"{ROW_RESULTS / (name + '.json')}", flush=True)
+        path = summary_path(name, summary["init_key"])
+        atomic_write_json(path, summary, indent=1)
+        print(f"[compare] {name}: wiki {summary['wiki_ppl']:.2f}, c4 {summary['c4_ppl']:.2f} -> {path}", flush=True)
+
+
+def summary_path(name: str, key: str) -> Path:
+    """Where a row's summary is kept: SparseGPT rows by their init's key too, so that the same row trained from
+    another machine's init (another group) never overwrites this one."""
+    return ROW_RESULTS / (f"{name}.json" if key == ROWS[name]["init"] else f"{name}@{key}.json")
+
+
+def kept_summaries() -> list[dict]:
+    """Every row summary kept, in ROWS order; rows written before summaries carried their init's key in the
+    file name are plain ROW.json."""
+    paths = []
+    for name in ROWS:
+        paths += [p for p in [ROW_RESULTS / f"{name}.json"] if p.is_file()]
+        paths += sorted(ROW_RESULTS.glob(f"{name}@*.json"))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def evaluate(args, name: str, spec: str, out: Path) -> dict:
@@ -178,11 +195,14 @@ def init_key(args, row: dict) -> str:
     return "sparsegpt-" + sha256_file(sparsegpt_init(args) / MASKS_FILE)[:12]
 
 
-def eval_references(args) -> None:
-    """The dense model's and this machine's SparseGPT init's numbers, kept beside the rows' summaries."""
+def eval_references(args, names: list[str]) -> None:
+    """The dense model's numbers and, when a SparseGPT row is evaluated, this machine's SparseGPT init's, kept
+    beside the rows' summaries."""
     want_zeroshot = args.limit if args.zeroshot else None
-    init_name = init_key(args, {"init": "sparsegpt"})
-    for name, kept_as, spec in (("dense", "dense", args.model), ("sparsegpt", init_name, str(sparsegpt_init(args)))):
+    refs = [("dense", "dense", args.model)]
+    if any(ROWS[n]["init"] == "sparsegpt" for n in names):
+        refs.append(("sparsegpt", init_key(args, {"init": "sparsegpt"}), str(sparsegpt_init(args))))
+    for name, kept_as, spec in refs:
         kept = ROW_RESULTS / f"{kept_as}.json"
         have = json.loads(kept.read_text())["key"]["zeroshot_limit"] if kept.is_file() else "none yet"
         if have == "none yet" or (want_zeroshot is not None and have != want_zeroshot):  # add zero-shot later
@@ -191,7 +211,7 @@ def eval_references(args) -> None:
 
 
 def eval_rows(args, names: list[str]) -> None:
-    eval_references(args)
+    eval_references(args, names)
     for name in names:
         if run_state(args.workdir / name) != "done":
             print(f"[compare] {name}: not trained yet, skipped", flush=True)
@@ -242,7 +262,7 @@ def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 def report(args) -> None:
     dense = json.loads((ROW_RESULTS / "dense.json").read_text())
-    rows = [json.loads((ROW_RESULTS / f"{n}.json").read_text()) for n in ROWS if (ROW_RESULTS / f"{n}.json").is_file()]
+    rows = kept_summaries()
     groups = group_rows(rows)
     print(f"\nmachine: {machine.line()}")
     print(f"dense wiki {dense['wiki_ppl']:.2f}; rows are compared within one init and one training precision\n")
