@@ -302,13 +302,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for r in rows:
-        axes[0].plot(*zip(*r["loss_curve"]), label=r["row"], lw=0.8)
+    for i, r in enumerate(rows):
+        style = {"label": r["row"], "color": f"C{i % 10}"}  # one colour per row in every panel
+        axes[0].plot(*zip(*r["loss_curve"]), lw=0.8, **style)
         if r["flip_curve"]:
             steps, init_flips, _ = zip(*r["flip_curve"])
-            axes[1].plot(steps, init_flips, label=r["row"])
+            axes[1].plot(steps, init_flips, **style)
         if r["eval_curve"]:
-            axes[2].plot(*zip(*r["eval_curve"]), label=r["row"], marker=".")
+            axes[2].plot(*zip(*r["eval_curve"]), marker=".", **style)
     axes[0].set(title="training loss (each recipe's own)", xlabel="optimizer step")
     axes[1].set(title="mask flips vs the initial mask", xlabel="optimizer step", yscale="symlog")
     axes[1].set_yscale("symlog", linthresh=1e-6)
