@@ -9,6 +9,9 @@ Step times of the trained variants come from the run's metrics.jsonl (step_s), a
 variants alternate in rounds (A B C, C B A, ...) to cancel drift. Goals (issue 18): ast ≥ 0.7 × plain tokens/s and
 ast / fixed-mask step time ≤ 1.05, at each precision.
 
+--cast adds CAST (`--recipe cast`: dense forward, AdamS, weight scale, KD at eta = 1/3), timed like the others, with
+its step time against the fixed mask's.
+
 --compile adds a fourth variant, ast-compiled (`train.compile: true`: torch.compile per decoder block of the student
 and the teacher), whose ratio to ast decides whether the recipe switch pays on this machine (compilation happens in
 the warm-up steps, which are not timed; its cost is printed separately).
@@ -17,7 +20,7 @@ the warm-up steps, which are not timed; its cost is printed separately).
 them) and the top operators by self CPU time.
 
     .venv/bin/python benchmarks/train_speed.py [--precisions fp32,bf16] [--steps 12] [--warmup 3] [--rounds 2]
-        [--seq-len 256] [--batch-size 4] [--compile] [--profile] [--out FILE.json]
+        [--seq-len 256] [--batch-size 4] [--cast] [--compile] [--profile] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEMISPARSE_DATA", ROOT.parent / "shared" / "data"))
 C4 = DATA / "c4" / "c4_train_shard0_first1000.jsonl"
-RECIPES = {"fixed-mask": "fixed-mask-kd", "ast": "ast-naive", "ast-compiled": "ast-naive"}
+RECIPES = {"fixed-mask": "fixed-mask-kd", "ast": "ast-naive", "ast-compiled": "ast-naive", "cast": "cast"}
 
 
 def common_overrides(args, precision: str, steps: int) -> dict:
@@ -129,6 +132,8 @@ def summarize(times: dict, args) -> dict:
             row[variant] = {"n": len(ts), "median_step_s": med, "tokens_per_s": tokens_per_step / med, "step_s": ts}
         row["ast_vs_plain"] = row["ast"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
         row["ast_vs_fixed_step_time"] = row["ast"]["median_step_s"] / row["fixed-mask"]["median_step_s"]
+        if "cast" in row:
+            row["cast_vs_fixed_step_time"] = row["cast"]["median_step_s"] / row["fixed-mask"]["median_step_s"]
         if "ast-compiled" in row:
             row["compiled_vs_ast"] = row["ast-compiled"]["tokens_per_s"] / row["ast"]["tokens_per_s"]
         results[precision] = row
@@ -156,6 +161,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--init", default="magnitude")
     p.add_argument("--data", default=str(C4))
+    p.add_argument("--cast", action="store_true", help="also time the cast recipe")
     p.add_argument("--compile", action="store_true", help="also time ast with train.compile (torch.compile)")
     p.add_argument("--profile", action="store_true", help="also profile one AST run per precision")
     p.add_argument("--top", type=int, default=15, help="operators listed by --profile")
@@ -170,7 +176,8 @@ def main() -> None:
                   else ["fp32"] + (["bf16"] if native_bf16_cpu() else []))
     per_round = math.ceil(args.steps / args.rounds)
     steps = args.warmup + per_round + 1
-    variants = ["plain", "fixed-mask", "ast"] + (["ast-compiled"] if args.compile else [])
+    variants = (["plain", "fixed-mask", "ast"] + (["cast"] if args.cast else [])
+                + (["ast-compiled"] if args.compile else []))
     times: dict[str, dict[str, list[float]]] = {pr: {v: [] for v in variants} for pr in precisions}
     profiles = []
     settings = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "init": args.init,
@@ -198,6 +205,9 @@ def main() -> None:
         print(f"| {precision} | {row['plain']['tokens_per_s']:.0f} | {row['fixed-mask']['tokens_per_s']:.0f} | "
               f"{row['ast']['tokens_per_s']:.0f} | {row['ast_vs_plain']:.2f} | {row['ast_vs_fixed_step_time']:.3f} |")
     for precision, row in results.items():
+        if "cast" in row:
+            print(f"{precision}: cast {row['cast']['tokens_per_s']:.0f} tok/s, step time "
+                  f"{row['cast_vs_fixed_step_time']:.3f}x fixed-mask")
         if "compiled_vs_ast" in row:
             print(f"{precision}: ast-compiled {row['ast-compiled']['tokens_per_s']:.0f} tok/s, "
                   f"{row['compiled_vs_ast']:.2f}x ast")
