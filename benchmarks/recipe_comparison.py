@@ -283,7 +283,9 @@ def report(args) -> None:
                 r["gap_closed"] = (init["wiki_ppl"] - r["wiki_ppl"]) / (init["wiki_ppl"] - dense["wiki_ppl"])
             gap = f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-"
             zs = f"{r['zeroshot_mean']:.3f}" if r.get("zeroshot_mean") is not None else "-"
-            pam = f"{r['pruned_abs_max']:.2e}" if r.get("pruned_abs_max") is not None else "-"
+            # only CAST's forward is dense: a masked-forward row's pruned weights never took part, so nothing is cut
+            cut = r.get("pruned_abs_max") if r["recipe"] == "cast" else None
+            pam = f"{cut:.2e}" if cut is not None else "-"
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
             print(f"| {r['row']} | {r['recipe']} | {r['seed']} | {r['wiki_ppl']:.2f} | {gap} | {r['c4_ppl']:.2f} | "
                   f"{zs} | {r['final_init_flip_rate']:.2e} | {pam} | {tps} | {(r['train_seconds'] or 0) / 60:.0f} min |")
