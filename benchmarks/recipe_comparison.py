@@ -170,7 +170,10 @@ def evaluate(args, name: str, spec: str, out: Path) -> dict:
            "zeroshot_limit": args.limit if args.zeroshot else None}
     if out.is_file():
         cached = json.loads(out.read_text())
-        if cached.get("key") == key:
+        got = cached.get("key") or {}
+        same_model = {**got, "zeroshot_limit": None} == {**key, "zeroshot_limit": None}
+        # an evaluation with zero-shot also answers a request without it (rather than being redone and losing it)
+        if same_model and key["zeroshot_limit"] in (None, got.get("zeroshot_limit")):
             return cached
     print(f"[compare] evaluating {name}", flush=True)
     start = time.perf_counter()
