@@ -133,7 +133,7 @@ def torch_numbers(path: Path, text, args) -> dict:
     """The file through transformers' GGUF loader: perplexity and the share of 2:4 groups in the sparse layers."""
     from semisparse.api import ppl_eval
     from semisparse.layers import select_layers, weight_matrix
-    from semisparse.models import _gguf_cache_target, default_gguf_path, load_model
+    from semisparse.models import default_gguf_path, gguf_cache_dir, load_model
 
     loaded = load_model(str(path))
     res = ppl_eval(loaded.model.float(), loaded.tokenizer, text, seqlen=2048, max_windows=args.windows,
@@ -148,7 +148,7 @@ def torch_numbers(path: Path, text, args) -> dict:
         kept += int((zeros >= 2).sum())
     del loaded
     if path != default_gguf_path():  # the exports' float32 copies would pile up in the cache (540 MB each)
-        shutil.rmtree(_gguf_cache_target(path), ignore_errors=True)
+        shutil.rmtree(gguf_cache_dir(path), ignore_errors=True)
     return {"ppl_torch": res.ppl, "groups_2of4": kept / groups if groups else None}
 
 

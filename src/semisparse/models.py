@@ -50,7 +50,7 @@ def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
         return default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return path, _gguf_cache_target(path), path.stem
+        return path, gguf_cache_dir(path), path.stem
     return None
 
 
@@ -58,7 +58,7 @@ def is_cached(target: Path) -> bool:
     return rundir.is_model_dir(target) and (target / rundir.MODEL_WEIGHTS).is_file()
 
 
-def _gguf_cache_target(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path) -> Path:
     """Cache folder of a user's .gguf file: its name plus a key of its path, size and modification time, so an
     edited or replaced file is converted again."""
     import hashlib
@@ -70,7 +70,7 @@ def _gguf_cache_target(gguf: Path) -> Path:
 
 def gguf_model_dir(gguf: Path, target: Path | None = None, name: str | None = None) -> Path:
     """A float32 safetensors copy of a GGUF model (de-quantised by transformers + gguf), converted once and cached."""
-    target = target or _gguf_cache_target(gguf)
+    target = target or gguf_cache_dir(gguf)
     if is_cached(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
