@@ -231,6 +231,7 @@ def summarize(args, name: str) -> dict | None:
     if run_state(run_dir) != "done" or not out.is_file():
         return None
     meta = json.loads((run_dir / "semisparse.json").read_text())
+    recipe = json.loads((run_dir / "run.json").read_text())["recipe"]
     ev = json.loads(out.read_text())
     metrics = read_metrics(run_dir / "metrics.jsonl")
     steps = [m for m in metrics if "step_s" in m]
@@ -240,7 +241,7 @@ def summarize(args, name: str) -> dict | None:
         "wiki_ppl": ev["wiki_ppl"],
         "c4_ppl": ev["c4_ppl"], "zeroshot_mean": ev.get("zeroshot_mean"),
         "final_init_flip_rate": masks[-1]["init_flip_rate"] if masks else 0.0,
-        "pruned_abs_max": meta["final"].get("pruned_abs_max"),
+        "forward": recipe["mask"]["forward"], "pruned_abs_max": meta["final"].get("pruned_abs_max"),
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps else None,
         "train_seconds": meta.get("train_seconds"), "tokens": meta.get("tokens"), "steps": meta.get("steps"),
         "data": meta.get("data"), "precision": meta.get("precision"),
@@ -286,8 +287,10 @@ def report(args) -> None:
                 r["gap_closed"] = (init["wiki_ppl"] - r["wiki_ppl"]) / (init["wiki_ppl"] - dense["wiki_ppl"])
             gap = f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-"
             zs = f"{r['zeroshot_mean']:.3f}" if r.get("zeroshot_mean") is not None else "-"
-            # only CAST's forward is dense: a masked-forward row's pruned weights never took part, so nothing is cut
-            cut = r.get("pruned_abs_max") if r["recipe"] == "cast" else None
+            # only a dense forward's final prune cuts anything: a masked forward's pruned weights never took part
+            # (summaries written before they recorded their forward: cast is the one recipe with a dense forward)
+            forward = r.get("forward") or ("dense" if r["recipe"] == "cast" else "masked")
+            cut = r.get("pruned_abs_max") if forward == "dense" else None
             pam = f"{cut:.2e}" if cut is not None else "-"
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
             print(f"| {r['row']} | {r['recipe']} | {r['seed']} | {r['wiki_ppl']:.2f} | {gap} | {r['c4_ppl']:.2f} | "
