@@ -24,6 +24,18 @@ def run_in_process(capsys, *args) -> SimpleNamespace:
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
+def one_line_error(r) -> str:
+    """The one line a usage or input error prints (exit 2, one non-blank stderr line); fails the test otherwise."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
+    return lines[0]
+
+
+def folder_state(path: Path) -> dict:
+    """{relative path: bytes} of every file under ``path``: to show a failed command changed nothing."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def run_subprocess(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "semisparse.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kwargs)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from clirun import one_line_error
 from semisparse import api
 from semisparse.bench import CPU_FLAGS, cpu_name
 
@@ -26,12 +27,6 @@ def exports(tmp_path_factory, tiny_dir):
 
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
 
 
 def test_bench_record(exports, tmp_path):

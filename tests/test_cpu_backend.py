@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import semisparse
+from clirun import one_line_error
 from semisparse import api
 from semisparse.errors import UserError
 from semisparse.export import cpu_backend
@@ -287,12 +288,6 @@ def test_the_default_dtype_follows_the_cpu(exports, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
 
 
 def test_bad_backends_are_one_line_errors(exports, tmp_path, run_dir, text, cli):

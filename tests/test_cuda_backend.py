@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import semisparse
+from clirun import one_line_error
 from semisparse import api
 from semisparse import data as data_mod
 from semisparse.errors import UserError
@@ -309,12 +310,6 @@ def test_the_cuda_timer_falls_back_to_wall_time_without_cuda():
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
 
 
 def test_bad_input_is_one_line(exports, tmp_path, text, cli):

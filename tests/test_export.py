@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import semisparse
-from clirun import run_subprocess
+from clirun import folder_state, one_line_error, run_subprocess
 from semisparse import api
 from semisparse.errors import UserError
 from semisparse.export.pack import pack_bits, pack_layer, unpack_bits, unpack_layer
@@ -31,16 +31,6 @@ from tiny import slorb_run as make_slorb_run
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 3), (2, 6), (3, 5)]
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 IDS = torch.tensor([[5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 120, 33]])
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
-
-
-def folder_state(path: Path) -> dict:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def logits(model, ids=IDS) -> torch.Tensor:

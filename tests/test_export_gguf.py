@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from clirun import folder_state, one_line_error
 from semisparse import api
 from semisparse.errors import UserError
 from tiny import magnitude_run, make_gpt2, make_llama, make_tokenizer, save_model_dir
@@ -30,16 +31,6 @@ LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
-
-
-def folder_state(path: Path) -> dict:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------- run directories

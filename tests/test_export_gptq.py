@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import semisparse
+from clirun import one_line_error
 from semisparse import api
 from semisparse.export import quant
 from semisparse.export.gptq import gptq_quantize
@@ -19,12 +20,6 @@ from semisparse.masks import Pattern, is_nm, nm_mask
 
 PAT = Pattern.parse("2:4")
 QMAX = {"int8": 127, "int4": 7}
-
-
-def one_line_error(r) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("semisparse: error: "), r.stderr
-    return lines[0]
 
 
 def random_layer(out=16, inp=64, tokens=256, seed=0):
