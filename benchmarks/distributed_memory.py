@@ -3,7 +3,7 @@
 Part 1 counts parameters exactly on the meta device (no weights are loaded) for a model config — LLaMA-2-7B's by
 default — and prints each term of the per-GPU budget for W processes: fp32 master weights, gradients and AdamW
 moments (sharded by FSDP2), the bool masks (a full copy per process), the bf16 teacher, the gathered blocks, the
-masked weights and activations saved for backward, the kept KD logits.
+activations saved for backward, the kept KD logits.
 
 Part 2 checks the static terms: it trains the shipped SmolLM2-135M one step in one CPU process (the product's
 sparsify + MaskedAdamW) and compares the bytes of the real parameters, gradients, optimizer state and mask buffers
@@ -55,10 +55,10 @@ def budget(c: dict, world: int, seq_len: int, batch: int, checkpointing: bool, s
     ]
     if checkpointing:
         rows += [("block inputs saved (activation checkpointing)", 2 * h * tokens * layers),
-                 ("one block recomputed in backward", 34 * h * tokens + 2 * 2 * s / layers)]
+                 ("one block recomputed in backward", 34 * h * tokens)]
     else:
-        rows += [("masked weights W*M saved for backward (bf16)", 2 * s),
-                 ("activations saved for backward (34*h bytes a token a layer)", 34 * h * tokens * layers)]
+        # No W*M term: SparseLinear keeps W and M for backward and rebuilds the product there (sparse_linear.py).
+        rows += [("activations saved for backward (34*h bytes a token a layer)", 34 * h * tokens * layers)]
     kept = tokens * v <= 2**27
     rows.append(("KD logits " + ("kept (about five fp32 copies)" if kept else "chunked (1024-token chunks)"),
                  5 * 4 * (tokens if kept else 1024) * v))

@@ -72,6 +72,69 @@ def test_ste_gradient_is_the_masked_weight_gradient():
     assert (layer.weight.grad[~layer.mask] != 0).all()
 
 
+def _masked_linear_reference(layer: SparseLinear, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
+    """Output and gradients (x, W, b) of plain autograd on ``F.linear(x, W ⊙ M, b)`` in ``dtype``, W ⊙ M a leaf:
+    what the straight-through estimator hands to the dense W."""
+    xr = x.detach().clone().requires_grad_()
+    masked = (layer.weight.detach() * layer.mask).to(dtype).requires_grad_()
+    bias = layer.bias.detach().to(dtype).requires_grad_()
+    y = F.linear(xr.to(dtype), masked, bias)
+    y.backward(upstream)
+    return y.detach(), xr.grad, masked.grad, bias.grad
+
+
+def test_masked_linear_matches_float64_autograd_for_every_input():
+    gen = torch.Generator().manual_seed(3)
+    dense = nn.Linear(16, 8, dtype=torch.float64)
+    layer = SparseLinear.from_dense(dense, "2:4")
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    upstream = torch.randn(2, 5, 8, dtype=torch.float64, generator=gen)
+    y = layer(x)
+    y.backward(upstream)
+    ref_y, ref_x, ref_w, ref_b = _masked_linear_reference(layer, x, upstream, torch.float64)
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, ref_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, ref_b, rtol=1e-12, atol=1e-12)
+    assert (layer.weight.grad[~layer.mask] != 0).all()
+
+
+def test_masked_linear_under_autocast_matches_autocast_f_linear():
+    gen = torch.Generator().manual_seed(4)
+    layer = SparseLinear.from_dense(nn.Linear(32, 8), "2:4")
+    x = torch.randn(3, 32, generator=gen, requires_grad=True)  # float32 in, as a norm's output under autocast
+    upstream = torch.randn(3, 8, generator=gen).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(upstream)
+    ref_y, ref_x, ref_w, ref_b = _masked_linear_reference(layer, x, upstream, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    # The same bf16 GEMMs as autocast's F.linear: equal up to the summation order of one bf16 product.
+    torch.testing.assert_close(y, ref_y, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, ref_x.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(layer.weight.grad, ref_w.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(layer.bias.grad, ref_b.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_masked_forward_keeps_no_copy_of_the_masked_weight_for_backward(autocast):
+    """Autograd keeps W and M (a parameter and a buffer that exist anyway) and x, never W ⊙ M: over a model that
+    product would be as large as the model in the compute dtype, alive from each layer's forward to its backward."""
+    layer = SparseLinear.from_dense(nn.Linear(64, 32), "2:4")
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+    own = {layer.weight.untyped_storage().data_ptr(), layer.mask.untyped_storage().data_ptr()}
+    weight_sized = [t for t in saved if t.shape == layer.weight.shape]
+    assert weight_sized and all(t.untyped_storage().data_ptr() in own for t in weight_sized), [
+        (t.dtype, t.shape) for t in weight_sized]
+    y.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+
+
 def test_forward_uses_masked_weight_and_mask_is_magnitude_top_n():
     torch.manual_seed(1)
     dense = nn.Linear(32, 6)

@@ -34,13 +34,48 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
         ctx.weight_dtype = weight.dtype
-        if dtype == weight.dtype:
-            return weight * mask
-        return weight.to(dtype).mul_(mask)
+        return _masked(weight, mask, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         return grad.to(ctx.weight_dtype), None, None
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """``x @ (W ⊙ M)ᵀ + b`` with the straight-through gradient to W, keeping W, M and x for backward but not
+    ``W ⊙ M``: the product is rebuilt in backward (one elementwise pass) instead of living from each layer's
+    forward to its backward, which for a whole model is as many bytes as the model in the compute dtype (docs/
+    distributed.md, memory per GPU). W and M are the parameter and the buffer themselves, so keeping them costs
+    nothing. Everything is computed in ``dtype`` (autocast's, or W's own), as autocast's ``F.linear`` would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias, dtype):  # type: ignore[override]
+        x_c = x.to(dtype)
+        bias_c = bias.to(dtype) if bias is not None else None
+        out = F.linear(x_c, _masked(weight, mask, dtype), bias_c)
+        ctx.save_for_backward(x_c, weight, mask)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None, dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_c, weight, mask = ctx.saved_tensors
+        x_dtype, weight_dtype, bias_dtype, dtype = ctx.dtypes
+        grad = grad.to(dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(_masked(weight, mask, dtype)).to(x_dtype)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.t().mm(x2).to(weight_dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_b = g2.sum(0).to(bias_dtype)
+        return grad_x, grad_w, None, grad_b, None
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Cast first, then mask in the compute dtype: one pass over half the bytes when autocast is on.
+    return weight * mask if dtype == weight.dtype else weight.to(dtype).mul_(mask)
 
 
 def block_indicator(rank: int, k: int, *, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -171,14 +206,17 @@ class SparseLinear(nn.Module):
         self.mask.copy_(new)
         return new
 
-    def masked_weight(self) -> torch.Tensor:
-        """``W ⊙ M`` (W scaled first, when the layer has a weight scale) with the straight-through gradient to W; in
-        autocast's dtype when autocast is on (a floating weight only: autocast leaves other dtypes alone)."""
-        dtype = self.weight.dtype
+    def compute_dtype(self) -> torch.dtype:
+        """Autocast's dtype when autocast is on (a floating weight only: autocast leaves other dtypes alone), else W's."""
         device_type = self.weight.device.type
         if self.weight.is_floating_point() and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        return _MaskedWeight.apply(self.scaled_weight(), self.mask, dtype)
+            return torch.get_autocast_dtype(device_type)
+        return self.weight.dtype
+
+    def masked_weight(self) -> torch.Tensor:
+        """``W ⊙ M`` (W scaled first, when the layer has a weight scale) with the straight-through gradient to W, in
+        the compute dtype."""
+        return _MaskedWeight.apply(self.scaled_weight(), self.mask, self.compute_dtype())
 
     @torch.no_grad()
     def pruned_abs_max(self) -> float:
@@ -277,8 +315,12 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dense forward (CAST): every weight takes part; the mask only steers the decay and the final prune.
-        weight = self.scaled_weight() if self.dense_forward else self.masked_weight()
-        y = F.linear(x, weight, self.bias)
+        if self.dense_forward:
+            y = F.linear(x, self.scaled_weight(), self.bias)
+        elif self.weight_scale is None and self.weight.is_floating_point():
+            y = _MaskedLinear.apply(x, self.weight, self.mask, self.bias, self.compute_dtype())
+        else:  # a scaled weight is a new tensor either way: autograd keeps W ⊙ M as F.linear saves it
+            y = F.linear(x, self.masked_weight(), self.bias)
         if self.slorb_S is not None and self.slorb_X is not None:
             # Kept as a separate two-GEMM branch: merging S·X into W would break N:M.
             y = y + F.linear(F.linear(x, self.slorb_X), self.slorb_S)
