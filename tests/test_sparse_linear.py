@@ -135,6 +135,82 @@ def test_masked_forward_keeps_no_copy_of_the_masked_weight_for_backward(autocast
     assert layer.weight.grad is not None and x.grad is not None
 
 
+def _scaled_layer(dtype: torch.dtype, dense_forward: bool, seed: int) -> SparseLinear:
+    """A 2:4 layer [8, 32] with a 2-block weight scale far from 1 (CAST's layer), in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = SparseLinear.from_dense(nn.Linear(32, 8, dtype=dtype), "2:4")
+    layer.add_weight_scale(2)
+    with torch.no_grad():
+        layer.weight_scale.copy_(torch.rand(8, 2, generator=gen, dtype=dtype) + 0.5)
+    layer.dense_forward = dense_forward
+    return layer
+
+
+def _scaled_reference(layer: SparseLinear, x: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
+    """Plain autograd with W and A as leaves: W̃ = W·A[r, c // 16] by indexing, masked by a straight-through
+    ``W̃ + (W̃ ⊙ M − W̃).detach()`` unless dense; returns y and the gradients of x, W, A, b."""
+    xr = x.detach().clone().requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    a = layer.weight_scale.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    columns = torch.arange(w.shape[1]) // (w.shape[1] // a.shape[1])
+    scaled = w * a[:, columns]
+    if not layer.dense_forward:
+        scaled = scaled + (scaled * layer.mask - scaled).detach()
+    y = F.linear(xr.to(dtype), scaled.to(dtype), b.to(dtype))
+    y.backward(upstream)
+    return y.detach(), xr.grad, w.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("dense_forward", [False, True], ids=["masked", "dense"])
+def test_scaled_linear_matches_float64_autograd_for_every_input(dense_forward):
+    layer = _scaled_layer(torch.float64, dense_forward, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, generator=gen, requires_grad=True)
+    upstream = torch.randn(2, 5, 8, dtype=torch.float64, generator=gen)
+    y = layer(x)
+    y.backward(upstream)
+    ref_y, ref_x, ref_w, ref_a, ref_b = _scaled_reference(layer, x, upstream, torch.float64)
+    for got, ref in [(y, ref_y), (x.grad, ref_x), (layer.weight.grad, ref_w), (layer.weight_scale.grad, ref_a),
+                     (layer.bias.grad, ref_b)]:
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert (layer.weight.grad[~layer.mask] != 0).all()  # straight-through (masked) or dense: pruned ones learn
+
+
+@pytest.mark.parametrize("dense_forward", [False, True], ids=["masked", "dense"])
+def test_scaled_linear_under_autocast_matches_autocast_f_linear(dense_forward):
+    layer = _scaled_layer(torch.float32, dense_forward, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 32, generator=gen, requires_grad=True)
+    upstream = torch.randn(3, 8, generator=gen).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(upstream)
+    ref_y, ref_x, ref_w, ref_a, ref_b = _scaled_reference(layer, x, upstream, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and layer.weight_scale.grad.dtype == torch.float32
+    for got, ref in [(y, ref_y), (x.grad, ref_x), (layer.weight.grad, ref_w), (layer.weight_scale.grad, ref_a),
+                     (layer.bias.grad, ref_b)]:
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dense_forward", [False, True], ids=["masked", "dense"])
+def test_scaled_forward_keeps_no_copy_of_the_scaled_weight_for_backward(dense_forward, autocast):
+    """CAST's layer (a weight scale, often the dense forward) keeps W, A and M, never W·A or a cast of it."""
+    layer = _scaled_layer(torch.float32, dense_forward, seed=10)
+    x = torch.randn(4, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+    own = {t.untyped_storage().data_ptr() for t in (layer.weight, layer.mask, layer.weight_scale)}
+    weight_sized = [t for t in saved if t.shape == layer.weight.shape]
+    assert weight_sized and all(t.untyped_storage().data_ptr() in own for t in weight_sized), [
+        (t.dtype, t.shape) for t in weight_sized]
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight_scale.grad is not None
+
+
 def test_forward_uses_masked_weight_and_mask_is_magnitude_top_n():
     torch.manual_seed(1)
     dense = nn.Linear(32, 6)

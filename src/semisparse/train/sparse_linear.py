@@ -41,36 +41,66 @@ class _MaskedWeight(torch.autograd.Function):
         return grad.to(ctx.weight_dtype), None, None
 
 
-class _MaskedLinear(torch.autograd.Function):
-    """``x @ (W ⊙ M)ᵀ + b`` with the straight-through gradient to W, keeping W, M and x for backward but not
-    ``W ⊙ M``: the product is rebuilt in backward (one elementwise pass) instead of living from each layer's
-    forward to its backward, which for a whole model is as many bytes as the model in the compute dtype (docs/
-    distributed.md, memory per GPU). W and M are the parameter and the buffer themselves, so keeping them costs
-    nothing. Everything is computed in ``dtype`` (autocast's, or W's own), as autocast's ``F.linear`` would."""
+class _LinearFromMaster(torch.autograd.Function):
+    """``x @ W̃ᵀ + b`` with W̃ = (W scaled by A) ⊙ M, built from the master tensors and rebuilt in backward.
+
+    ``scale`` (CAST's per-row weight scale A, or None) and ``mask`` (None: the dense forward of CAST) are optional.
+    The gradient reaches W straight through the mask (AST.md §1), then through the scale: dW = G·A, dA = Σ_block G·W,
+    G = gradᵀx. Autograd keeps x and the tensors that exist anyway (W, A, M: a parameter, a parameter, a buffer),
+    never W̃: autograd's own ``F.linear`` would keep W̃ (or autocast's cast of it) from each layer's forward to its
+    backward, as many bytes as the model in the compute dtype (docs/distributed.md, memory per GPU); rebuilding it
+    is one elementwise pass. Everything is computed in ``dtype`` (autocast's, or W's own), as autocast's
+    ``F.linear`` would; the scale's products stay in W's dtype, as autograd's would."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias, dtype):  # type: ignore[override]
+    def forward(ctx, x, weight, scale, mask, bias, dtype):  # type: ignore[override]
         x_c = x.to(dtype)
         bias_c = bias.to(dtype) if bias is not None else None
-        out = F.linear(x_c, _masked(weight, mask, dtype), bias_c)
-        ctx.save_for_backward(x_c, weight, mask)
+        out = F.linear(x_c, _effective(weight, scale, mask, dtype), bias_c)
+        ctx.save_for_backward(x_c, weight, scale, mask)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None, dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x_c, weight, mask = ctx.saved_tensors
+        x_c, weight, scale, mask = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype, dtype = ctx.dtypes
         grad = grad.to(dtype)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_scale = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(_masked(weight, mask, dtype)).to(x_dtype)
+            grad_x = grad.matmul(_effective(weight, scale, mask, dtype)).to(x_dtype)
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = g2.t().mm(x2).to(weight_dtype)
-        if bias_dtype is not None and ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[1] or (scale is not None and ctx.needs_input_grad[2]):
+            g_eff = g2.t().mm(x2).to(weight_dtype)  # dL/dW̃, handed straight through the mask
+            if scale is None:
+                grad_w = g_eff
+            else:
+                out_f, in_f = weight.shape
+                blocks = (out_f, scale.shape[1], in_f // scale.shape[1])
+                if ctx.needs_input_grad[1]:
+                    grad_w = (g_eff.view(blocks) * scale.unsqueeze(-1)).view(out_f, in_f)
+                if ctx.needs_input_grad[2]:
+                    grad_scale = (g_eff.view(blocks) * weight.view(blocks)).sum(-1)
+        if bias_dtype is not None and ctx.needs_input_grad[4]:
             grad_b = g2.sum(0).to(bias_dtype)
-        return grad_x, grad_w, None, grad_b, None
+        return grad_x, grad_w, grad_scale, None, grad_b, None
+
+
+def _effective(weight: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """W̃ in ``dtype``: W times its scale (in W's dtype), then masked."""
+    weight = _scaled(weight, scale)
+    if mask is None:
+        return weight.to(dtype)
+    return _masked(weight, mask, dtype)
+
+
+def _scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """W with entry (r, c) multiplied by A[r, c // (in / n)], A [out, n] (CAST.md §3); W itself without a scale."""
+    if scale is None:
+        return weight
+    out_f, in_f = weight.shape
+    return (weight.view(out_f, scale.shape[1], in_f // scale.shape[1]) * scale.unsqueeze(-1)).view(out_f, in_f)
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -241,11 +271,7 @@ class SparseLinear(nn.Module):
 
     def scaled_weight(self) -> torch.Tensor:
         """W with entry (r, c) multiplied by A[r, c // (in / n)] (CAST.md §3); W itself without a scale."""
-        if self.weight_scale is None:
-            return self.weight
-        out_f, in_f = self.weight.shape
-        n = self.weight_scale.shape[1]
-        return (self.weight.view(out_f, n, in_f // n) * self.weight_scale.unsqueeze(-1)).view(out_f, in_f)
+        return _scaled(self.weight, self.weight_scale)
 
     def add_weight_scale(self, n: int) -> None:
         """A trainable scale A [out, n], initialised to 1: row r's input columns in n contiguous blocks, one factor
@@ -314,13 +340,12 @@ class SparseLinear(nn.Module):
     # ---------------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dense forward (CAST): every weight takes part; the mask only steers the decay and the final prune.
-        if self.dense_forward:
-            y = F.linear(x, self.scaled_weight(), self.bias)
-        elif self.weight_scale is None and self.weight.is_floating_point():
-            y = _MaskedLinear.apply(x, self.weight, self.mask, self.bias, self.compute_dtype())
-        else:  # a scaled weight is a new tensor either way: autograd keeps W ⊙ M as F.linear saves it
-            y = F.linear(x, self.masked_weight(), self.bias)
+        if self.weight.is_floating_point():
+            # Dense forward (CAST): every weight takes part; the mask only steers the decay and the final prune.
+            mask = None if self.dense_forward else self.mask
+            y = _LinearFromMaster.apply(x, self.weight, self.weight_scale, mask, self.bias, self.compute_dtype())
+        else:  # autocast and the straight-through function are for floating weights only
+            y = F.linear(x, self.scaled_weight() if self.dense_forward else self.masked_weight(), self.bias)
         if self.slorb_S is not None and self.slorb_X is not None:
             # Kept as a separate two-GEMM branch: merging S·X into W would break N:M.
             y = y + F.linear(F.linear(x, self.slorb_X), self.slorb_S)
