@@ -84,7 +84,8 @@ ROW_SETTINGS = {
 
 
 def settings_for(row: dict) -> dict:
-    return ROW_SETTINGS.get((row["recipe"], row["init"])) or ROW_SETTINGS[(row["recipe"], "any")]
+    base = ROW_SETTINGS.get((row["recipe"], row["init"])) or ROW_SETTINGS[(row["recipe"], "any")]
+    return {**base, **row.get("ablation", {})}
 
 
 ROWS = {}
@@ -94,6 +95,12 @@ for seed in (1, 2):
 ROWS["naive-ce-s1"] = {"recipe": "naive-ce", "init": "sparsegpt", "seed": 1}
 for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive"), ("cast", "cast")):
     ROWS[f"mag-{short}-s1"] = {"recipe": recipe, "init": "magnitude", "seed": 1}
+# CAST ablations from the SparseGPT init, one field group of the other rows' each, to find what costs cast-s1 its
+# deficit: the schedule (5% warm-up, cosine to 10% instead of a constant lr), the loss (KL weight 0.67 at T = 2).
+ROWS["cast-sched-s1"] = {"recipe": "cast", "init": "sparsegpt", "seed": 1,
+                         "ablation": {"optim.warmup": 0.05, "optim.min_lr_ratio": 0.1}}
+ROWS["cast-kd-s1"] = {"recipe": "cast", "init": "sparsegpt", "seed": 1,
+                      "ablation": {"distill.alpha": 0.67, "distill.temperature": 2.0}}
 
 
 def sparsegpt_init(args) -> Path:
