@@ -72,15 +72,10 @@ class _LinearFromMaster(torch.autograd.Function):
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
         if ctx.needs_input_grad[1] or (scale is not None and ctx.needs_input_grad[2]):
             g_eff = g2.t().mm(x2).to(weight_dtype)  # dL/dW̃, handed straight through the mask
-            if scale is None:
-                grad_w = g_eff
-            else:
-                out_f, in_f = weight.shape
-                blocks = (out_f, scale.shape[1], in_f // scale.shape[1])
-                if ctx.needs_input_grad[1]:
-                    grad_w = (g_eff.view(blocks) * scale.unsqueeze(-1)).view(out_f, in_f)
-                if ctx.needs_input_grad[2]:
-                    grad_scale = (g_eff.view(blocks) * weight.view(blocks)).sum(-1)
+            if ctx.needs_input_grad[1]:
+                grad_w = _scaled(g_eff, scale)  # dW = G·A, entry by entry as in the forward
+            if scale is not None and ctx.needs_input_grad[2]:
+                grad_scale = (g_eff * weight).view(*scale.shape, -1).sum(-1)  # dA = block sums of G·W
         if bias_dtype is not None and ctx.needs_input_grad[4]:
             grad_b = g2.sum(0).to(bias_dtype)
         return grad_x, grad_w, grad_scale, None, grad_b, None
@@ -259,9 +254,7 @@ class SparseLinear(nn.Module):
         if isinstance(self.weight, DTensor):
             weight, mask = self.weight.to_local().detach(), local_rows(self.weight, self.mask)
             if self.weight_scale is not None:
-                scale = self.weight_scale.to_local().detach()
-                n = scale.shape[1]
-                weight = (weight.view(weight.shape[0], n, -1) * scale.unsqueeze(-1)).view_as(weight)
+                weight = _scaled(weight, self.weight_scale.to_local().detach())
         else:
             weight, mask = self.scaled_weight().detach(), self.mask
         pruned = weight.abs().masked_fill(mask, 0)
