@@ -62,7 +62,8 @@ def main() -> None:
                 layer.weight_scale.copy_(torch.rand(layer.weight_scale.shape, generator=gen) * 0.2 + 0.9)
     out = args.out or ROOT / "benchmarks" / "results" / f"masked_linear_memory{'_cast' if cast else ''}.json"
     precision, reason = resolve_precision("auto", torch.device("cpu"))
-    print(f"{len(layers)} sparse layers ({args.layer}); precision {precision} ({reason}); batch {args.batch_size} x {args.seq_len}")
+    print(f"{len(layers)} sparse layers ({args.layer}); precision {precision} ({reason}); "
+          f"batch {args.batch_size} x {args.seq_len}")
     stream = tokenize_joined(tokenizer, read_file(C4)[:200])
     ids = stream[: args.batch_size * args.seq_len].view(args.batch_size, args.seq_len)
     kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -122,7 +123,8 @@ def main() -> None:
           f"the sparse weights in the compute dtype: {sparse_bytes / 2**20:.0f} MiB")
     print(f"largest gradient difference between the variants: {max_diff:.3g} (largest gradient {max_grad:.3g})")
     atomic_write_json(out, indent=1, data={
-        "machine": info, "layer": args.layer, "precision": precision, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "machine": info, "layer": args.layer, "precision": precision, "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
         "rounds": args.rounds, "steps": args.steps, "variants": results, "sparse_weight_bytes": sparse_bytes,
         "max_grad_diff": max_diff, "max_grad": max_grad})
     print(f"results: {out}", file=sys.stderr)
