@@ -95,6 +95,9 @@ for seed in (1, 2):
 ROWS["naive-ce-s1"] = {"recipe": "naive-ce", "init": "sparsegpt", "seed": 1}
 for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive"), ("cast", "cast")):
     ROWS[f"mag-{short}-s1"] = {"recipe": recipe, "init": "magnitude", "seed": 1}
+# the magnitude block's second seeds for the pair the reading compares (fixed vs AST): is AST's 2.5% a lean or noise?
+for short, recipe in (("fixed", "fixed-mask-kd"), ("ast", "ast-naive")):
+    ROWS[f"mag-{short}-s2"] = {"recipe": recipe, "init": "magnitude", "seed": 2}
 # CAST ablations from the SparseGPT init, one field group of the other rows' each, to find what costs cast-s1 its
 # deficit: the schedule (5% warm-up, cosine to 10% instead of a constant lr), the loss (KL weight 0.67 at T = 2).
 ROWS["cast-sched-s1"] = {"recipe": "cast", "init": "sparsegpt", "seed": 1,
