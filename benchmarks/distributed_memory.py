@@ -2,7 +2,7 @@
 
 Part 1 counts parameters exactly on the meta device (no weights are loaded) for a model config — LLaMA-2-7B's by
 default — and prints each term of the per-GPU budget for W processes: fp32 master weights, gradients and AdamW
-moments (sharded by FSDP2), the bool masks (a full copy per process), the bf16 teacher, the gathered blocks, the
+moments and the bool masks (all sharded by FSDP2), the bf16 teacher, the gathered blocks, the
 activations saved for backward, the kept KD logits.
 
 Part 2 checks the static terms: it trains the shipped SmolLM2-135M one step in one CPU process (the product's
@@ -49,9 +49,9 @@ def budget(c: dict, world: int, seq_len: int, batch: int, checkpointing: bool, s
         ("student fp32 master weights (sharded)", 4 * n / world),
         ("fp32 gradients (sharded)", 4 * n / world),
         ("AdamW / AdamS moments (sharded)", 8 * n / world),
-        ("masks, bool, full copy per process", s),
+        ("masks, bool (sharded like their weights)", s / world),
         ("teacher bf16" + (" (sharded)" if shard_teacher else ", replicated"), 2 * n / (world if shard_teacher else 1)),
-        ("one gathered bf16 block + the next (prefetch)", 2 * 2 * n / layers),
+        ("one gathered block + the next (prefetch): bf16 weights, bool masks", 2 * (2 * n + s) / layers),
     ]
     if checkpointing:
         rows += [("block inputs saved (activation checkpointing)", 2 * h * tokens * layers),

@@ -64,9 +64,9 @@ class _Recorder:
         self.calls: list[dict] = []
         original = trainer.recompute_masks
 
-        def wrapped(layers, initial):
+        def wrapped(layers, initial, *rest):
             before = {n: layer.mask.clone() for n, layer in layers.items()}
-            result = original(layers, initial)
+            result = original(layers, initial, *rest)
             after = {n: layer.mask.clone() for n, layer in layers.items()}
             self.calls.append({"before": before, "after": after, "initial": initial, "result": result})
             return result

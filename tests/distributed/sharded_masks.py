@@ -1,6 +1,6 @@
 """Run under torchrun (2 CPU processes, gloo): the masked optimizers and the mask recompute on FSDP2-sharded
-SparseLinear weights equal a one-process run on the full weights. Rank 0 writes "OK" and the compared tensor count
-to the file named by argv[1], or raises."""
+SparseLinear weights and masks equal a one-process run on the full weights, and each process holds only its rows
+of every mask. Rank 0 writes "OK" and the compared tensor count to the file named by argv[1], or raises."""
 
 import sys
 from pathlib import Path
@@ -14,7 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_llama  # noqa: E402
 
 from semisparse.train.optim import AdamS, MaskedAdamW, set_adams_alpha  # noqa: E402
-from semisparse.train.sparse_linear import param_masks, sparse_layers, sparsify  # noqa: E402
+from semisparse.train.sparse_linear import (  # noqa: E402
+    param_masks,
+    shard_masks_with_weights,
+    sparse_layers,
+    sparsify,
+)
 
 
 def build(optimizer: str, shard: bool):
@@ -22,6 +27,7 @@ def build(optimizer: str, shard: bool):
     net = make_llama(hidden=64, layers=2)
     sparsify(net, None, "2:4")
     if shard:
+        shard_masks_with_weights(net)
         for block in net.model.layers:
             fully_shard(block)
         fully_shard(net)
@@ -55,6 +61,11 @@ def main() -> None:
         train(sharded, opt, steps=4)
         full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
         local = sparse_layers(sharded)
+        for name, layer in local.items():  # this process's rows only, and the same rows as its weight's
+            rows = layer.mask.to_local()
+            assert rows.dtype == torch.bool and rows.shape == layer.weight.to_local().shape, name
+            assert 2 * rows.shape[0] == layer.mask.shape[0], (name, rows.shape, layer.mask.shape)
+        gathered = {name: layer.mask.full_tensor() for name, layer in local.items()}  # every process takes part
         if rank == 0:
             ref, ref_opt = build(optimizer, shard=False)
             train(ref, ref_opt, steps=4)
@@ -62,7 +73,7 @@ def main() -> None:
                 assert torch.allclose(full[name], tensor, atol=1e-6, rtol=1e-5), (optimizer, name)
                 compared += 1
             for name, layer in sparse_layers(ref).items():
-                assert torch.equal(local[name].mask, layer.mask), (optimizer, name)  # every rank's full mask
+                assert torch.equal(gathered[name], layer.mask), (optimizer, name)
                 compared += 1
     if rank == 0:
         Path(sys.argv[1]).write_text(f"OK {compared}\n")

@@ -4,8 +4,8 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNN`` (NNNNNN = optimizer ste
 
 - ``dcp/``: the student's and the optimizer's state through ``torch.distributed.checkpoint`` (DCP): each process
   writes its own shards, keyed by parameter name and global offsets, so a checkpoint written by 2 processes loads
-  into 1 (or 8) and the reverse; one process writes one file. Weights, bool mask buffers, SLoRB S/X, CAST's weight
-  scales and every optimizer moment are in it;
+  into 1 (or 8) and the reverse; one process writes one file. Weights, bool masks (sharded like their weights),
+  SLoRB S/X, CAST's weight scales and every optimizer moment are in it;
 - ``rng.safetensors``: rank 0's torch CPU (and CUDA) generator states;
 - ``extra.safetensors``: trainer tensors such as the initial masks M0 (for the flip rate vs M0);
 - ``state.json``: step, tokens, data position, python/numpy RNG states and whatever the trainer adds;

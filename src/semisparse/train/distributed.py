@@ -98,15 +98,19 @@ def check_options(fsdp_cfg, device: torch.device) -> None:
 
 def shard(net: nn.Module, fsdp_cfg, device: torch.device, precision: str, train_method: str | None = None) -> None:
     """FSDP2 on each decoder block, then the root (which holds the embeddings, final norm and LM head). Parameters
-    are split along dim 0 (output rows): N:M groups run along the input dimension, so each process's rows hold whole
-    groups and their masks need no gathering (SparseLinear.recompute_mask, optim.local_rows)."""
+    are split along dim 0 (output rows), and so are the sparse layers' masks (shard_masks_with_weights): N:M groups
+    run along the input dimension, so each process's rows hold whole groups and their masks are recomputed and used
+    without gathering (SparseLinear.recompute_mask, optim.local_rows)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from semisparse.train.sparse_linear import shard_masks_with_weights
 
     kwargs = {}
     if device.type == "cuda" and precision == "bf16":  # bf16 compute and all-gathers, float32 gradient reductions
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if fsdp_cfg.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    shard_masks_with_weights(net)
     _, blocks = find_blocks(net)
     for block in blocks:
         fully_shard(block, reshard_after_forward=fsdp_cfg.reshard_after_forward, **kwargs)
@@ -119,9 +123,16 @@ def mean(d: Dist, values: list[float], device: torch.device) -> list[float]:
     """Each value averaged over the processes (losses of equal-sized micro-batches)."""
     if not d.sharded:
         return values
+    return [v / d.world for v in total(d, values, device)]
+
+
+def total(d: Dist, values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over the processes (counts over each process's rows)."""
+    if not d.sharded:
+        return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / d.world).tolist()
+    return t.tolist()
 
 
 def maximum(d: Dist, value: float, device: torch.device) -> float:

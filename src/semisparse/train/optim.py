@@ -42,10 +42,13 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_rows(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The part of a full (replicated) mask that lines up with this process's shard of ``param``: FSDP2 shards
-    dim 0 (output rows) and N:M groups run along the input dimension, so a shard's rows carry whole groups."""
+    """The part of ``mask`` that lines up with this process's shard of ``param``: the local shard of a mask sharded
+    with its weight, or the matching rows of a full one (the initial masks M0). FSDP2 shards dim 0 (output rows)
+    and N:M groups run along the input dimension, so a shard's rows carry whole groups."""
     from torch.distributed.tensor import DTensor
 
+    if isinstance(mask, DTensor):
+        return mask.to_local()
     if not isinstance(param, DTensor):
         return mask
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

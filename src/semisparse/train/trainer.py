@@ -70,7 +70,7 @@ from semisparse.train import checkpoint as ckpt
 from semisparse.train import distributed
 from semisparse.train.distill import distill_loss, final_hidden_states, lm_head
 from semisparse.train.metrics import MetricsLog, write_plots  # noqa: F401 (re-exported)
-from semisparse.train.optim import MaskedAdamW  # noqa: F401 (re-exported: tests patch its step)
+from semisparse.train.optim import MaskedAdamW, local_rows  # noqa: F401 (MaskedAdamW re-exported: tests patch it)
 from semisparse.train.schedules import adams_reach, lr_at, mask_update_steps  # noqa: F401 (re-exported)
 from semisparse.train.setup import M0_PREFIX, Run, autocast, now, param_groups, prepare
 from semisparse.train.sparse_linear import SparseLinear, attach_slorb, densify, masked_forward, sparsify
@@ -114,15 +114,20 @@ def attach_train_loss(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def recompute_masks(layers: dict[str, SparseLinear], initial: dict[str, torch.Tensor]) -> dict:
-    """Recompute every mask from |W| (in place); flips vs the previous masks and vs the initial masks M0."""
+def recompute_masks(layers: dict[str, SparseLinear], initial: dict[str, torch.Tensor],
+                    d: distributed.Dist = distributed.Dist()) -> dict:
+    """Recompute every mask from |W| (in place); flips vs the previous masks and vs the initial masks M0, counted
+    over this process's rows and summed over the processes."""
     flips = init_flips = total = 0
     for name, layer in layers.items():
-        old = layer.mask.clone()
+        old = local_rows(layer.weight, layer.mask).clone()
         new = layer.recompute_mask()
         flips += flip_count(new, old)
-        init_flips += flip_count(new, initial[name].to(new.device))
+        init_flips += flip_count(new, local_rows(layer.weight, initial[name]).to(new.device))
         total += new.numel()
+    device = next(iter(layers.values())).weight.device
+    flips, init_flips, total = distributed.total(d, [flips, init_flips, total], device)
+    flips, init_flips = int(flips), int(init_flips)
     return {"flips": flips, "init_flips": init_flips, "flip_rate": flips / total, "init_flip_rate": init_flips / total}
 
 
@@ -200,7 +205,7 @@ def loop(run: Run, progress: bool, on_step: Callable[[int], None] | None) -> Non
 
     def refresh_masks(step: int, when: str) -> None:
         with record_function("semisparse.mask_recompute"):
-            record = {"step": step, **recompute_masks(layers, run.masks0)}
+            record = {"step": step, **recompute_masks(layers, run.masks0, d)}
         if cfg.mask.timing == "before":
             record["when"] = when
         if cfg.mask.forward == "dense":
@@ -308,7 +313,7 @@ def _export_model(run: Run) -> nn.Module:
     from semisparse.train.setup import _exact_filter
 
     fresh = load_model(run.student_src, device="cpu").model
-    masks = {name: layer.mask.detach().cpu() for name, layer in run.layers.items()}
+    masks = {name: state[f"{name}.mask"] for name in run.layers}  # gathered with the weights (sharded like them)
     sparsify(fresh, masks, cfg.pattern, _exact_filter(masks),
              slorb_k=cfg.slorb.k if cfg.slorb.enabled else None, train_x=cfg.slorb.train_x,
              weight_scale_n=cfg.scale.blocks if cfg.scale.enabled else None,
