@@ -16,10 +16,11 @@ the trainer's own --resume; each evaluation is written atomically beside its run
 Run directories (runs/, not committed) do not outlive a session here, so a row is trained, evaluated and summarised
 in one go, and its summary lands in benchmarks/results/recipe_comparison/ (committed; ROW@INIT_KEY.json for a
 SparseGPT row, ROW.json for a magnitude row): the report joins rows that different sessions (or machines: each
-summary names its own) produced. Every row runs in bf16 autocast whatever the CPU by default, so a row's numbers do not depend on which machine ran it (only its tokens/s does); on a CPU
-without native bf16 that is ~3x slower than fp32 (a 500k-token row takes hours), so --precision fp32 exists for such
-machines, and the report compares rows only within one precision and one init (the SparseGPT init is re-pruned on
-each machine and differs between CPUs: each row records its init's masks hash, init_key).
+summary names its own) produced. Every row runs in bf16 autocast whatever the CPU by default, so a row's numbers
+do not depend on which machine ran it (only its tokens/s does); on a CPU without native bf16 a bf16 matmul takes
+2.7x (an AVX-512 Xeon) to ~90x (an AVX2-only EPYC) as long as fp32, so --precision fp32 exists for such machines,
+and the report compares rows only within one precision and one init (the SparseGPT init is re-pruned on each
+machine and differs between CPUs: each row records its init's masks hash, init_key).
 
 Quality runs may share the machine: start two processes with --threads 1 and disjoint --rows.
 

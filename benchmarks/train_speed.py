@@ -119,6 +119,26 @@ def profile_ast(args, precision: str, folder: Path) -> dict:
     return {"precision": precision, "steps": active, "phase_s": phases, "top_ops": top}
 
 
+def gemm_rates(n: int = 1024, reps: int = 3) -> dict:
+    """GFLOP/s of an n³ matmul in fp32 and bf16 on this CPU (best of ``reps``): whether bf16 pays here at all, the
+    question ``precision: auto`` answers from the CPU's capability report."""
+    import torch
+
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        best = min(_timed(lambda: a @ b) for _ in range(reps))
+        rates[name] = 2 * n**3 / best / 1e9
+    return {"n": n, "gflops": rates, "bf16_vs_fp32": rates["bf16"] / rates["fp32"]}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def summarize(times: dict, args) -> dict:
     """Median step time and tokens/s per variant, and the two ratios, for every precision measured so far."""
     tokens_per_step = args.batch_size * args.seq_len
@@ -140,12 +160,12 @@ def summarize(times: dict, args) -> dict:
     return results
 
 
-def write_results(args, info: dict, settings: dict, results: dict, profiles: list) -> None:
+def write_results(args, info: dict, settings: dict, results: dict, profiles: list, gemm: dict) -> None:
     from semisparse.models import package_versions
     from semisparse.rundir import atomic_write_json
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"machine": info, "versions": package_versions(), "settings": settings, "results": results,
+    record = {"machine": info, "versions": package_versions(), "settings": settings, "gemm": gemm, "results": results,
               "profiles": profiles}
     atomic_write_json(args.out, record, indent=1)
 
@@ -172,6 +192,10 @@ def main() -> None:
 
     info = machine.describe()
     print(f"[train_speed] machine: {machine.line(info)}", flush=True)
+    gemm = gemm_rates()
+    print(f"[train_speed] GEMM {gemm['n']}³: fp32 {gemm['gflops']['fp32']:.0f} GFLOP/s, bf16 "
+          f"{gemm['gflops']['bf16']:.0f} GFLOP/s (bf16 / fp32 {gemm['bf16_vs_fp32']:.2f}); precision auto: "
+          f"{'bf16' if native_bf16_cpu() else 'fp32'}", flush=True)
     precisions = (args.precisions.split(",") if args.precisions
                   else ["fp32"] + (["bf16"] if native_bf16_cpu() else []))
     per_round = math.ceil(args.steps / args.rounds)
@@ -194,7 +218,7 @@ def main() -> None:
             if args.profile:
                 print(f"[train_speed] {precision}: profiling ast", flush=True)
                 profiles.append(profile_ast(args, precision, Path(tmp)))
-            write_results(args, info, settings, summarize(times, args), profiles)  # kept if a later part fails
+            write_results(args, info, settings, summarize(times, args), profiles, gemm)  # kept if a later part fails
 
     results = summarize(times, args)
     print(f"\nmachine: {machine.line(info)}\nsettings: {json.dumps(settings)}\n")
@@ -222,7 +246,7 @@ def main() -> None:
         print("  top operators by self CPU time:")
         for op in prof["top_ops"]:
             print(f"  {op['op'][:48]:48s} {op['self_s']:8.2f} s {100 * op['share']:5.1f}%  ({op['calls']} calls)")
-    write_results(args, info, settings, results, profiles)
+    write_results(args, info, settings, results, profiles, gemm)
 
 
 if __name__ == "__main__":

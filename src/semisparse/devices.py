@@ -40,6 +40,36 @@ def native_bf16_cpu() -> str | None:
     return None
 
 
+def bf16_matmul_slowdown(n: int = 256, reps: int = 3) -> float:
+    """How many times longer an n³ bf16 matmul takes than a float32 one on this CPU (best of ``reps``; n = 256 costs
+    ~30 ms where bf16 is emulated). Below 1 where bf16 is native."""
+    import time
+
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+
+
+def precision_warning(precision: str, device: torch.device) -> str | None:
+    """A line for bf16 asked for on a CPU that has no native bf16: there autocast's matmuls are emulated, and how
+    much slower depends on the CPU (2.7x on an AVX-512 Xeon, ~90x on an AVX2-only EPYC), so it is measured."""
+    if precision != "bf16" or device.type != "cpu" or native_bf16_cpu() is not None:
+        return None
+    slowdown = bf16_matmul_slowdown()
+    if slowdown < 1.2:
+        return None
+    return (f"warning: bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): a bf16 matmul takes "
+            f"{slowdown:.1f}x as long as float32 here; train.precision auto (or fp32) trains faster")
+
+
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """``(precision, reason)`` for ``train.precision``: ``fp32``/``bf16`` as asked; ``auto`` = bf16 autocast on CUDA
     (when the GPU has bf16) and on a CPU with native bf16 matmuls, else fp32."""

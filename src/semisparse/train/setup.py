@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from semisparse import data as data_mod
 from semisparse import rundir
 from semisparse.config import INIT_METHODS, Recipe, apply_overrides, load_recipe, recipe_from_dict
-from semisparse.devices import resolve_precision
+from semisparse.devices import precision_warning, resolve_precision
 from semisparse.errors import UserError
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern
@@ -312,6 +312,8 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         torch.use_deterministic_algorithms(True)
     wrapped = f", {d.world} process{'es' if d.world > 1 else ''} (FSDP2)" if d.sharded else ""
     say(f"precision {precision} ({precision_reason}){wrapped}")
+    if (warning := precision_warning(precision, device)) is not None:
+        say(warning)
     seed_everything(cfg.train.seed + d.rank)
 
     # ---- text first (fail fast on a bad DATA), then models
