@@ -285,6 +285,44 @@ def test_the_default_dtype_follows_the_cpu(exports, monkeypatch):
     monkeypatch.setattr("semisparse.devices.native_bf16_cpu", lambda: None)
     model = semisparse.load(exports / "int8", backend="cpu")
     assert model.dtype == torch.float32 and model.semisparse_backend["activation_dtype"] == "float32"
+    assert model.semisparse_backend["kernel_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_float32_model_runs_bf16_kernels_by_default(exports, monkeypatch, quant):
+    """Without native bf16 the model stays float32 and the kernels take bf16 inputs (their float32 path is the slow
+    one on every CPU measured): each kernel layer hands back float32, and the logits are the float path's within
+    bf16's tolerance; float32 asked for explicitly keeps float32 kernels (float32's tolerance)."""
+    monkeypatch.setattr("semisparse.devices.native_bf16_cpu", lambda: None)
+    out = exports / quant
+    reference = semisparse.load(out, dtype=torch.float32)
+    lines = []
+    model = load_export(out, "cpu", None, backend="cpu", measure=Measure(timer=kernel_wins, say=lines.append))[0]
+    report = model.semisparse_backend
+    assert model.dtype == torch.float32 and report["kernel_dtype"] == "bfloat16" and report["kernel_layers"] == 14
+    kernels = [m for m in model.modules() if isinstance(m, cpu_backend.WeightOnlyLinear)]
+    assert len(kernels) == 14 and all(k.scales_dtype == torch.bfloat16 for k in kernels)
+    x = torch.randn(3, kernels[0].in_features)
+    assert kernels[0](x).dtype == torch.float32
+    error = rel_error(logits(model), logits(reference))
+    assert error <= RTOL[torch.bfloat16]
+    assert error > RTOL[torch.float32]  # the kernels really computed in bf16: the check can tell
+    assert "the kernels in bfloat16" in lines[0]
+    explicit = load_cpu(out, torch.float32)
+    assert explicit.semisparse_backend["kernel_dtype"] == "float32"
+    assert rel_error(logits(explicit), logits(reference)) <= RTOL[torch.float32]
+
+
+def test_the_int8_head_in_a_float32_model(exports, monkeypatch):
+    monkeypatch.setattr("semisparse.devices.native_bf16_cpu", lambda: None)
+    out = exports / "int4"
+    model = load_export(out, "cpu", None, backend="cpu", measure=FORCE, lm_head="int8")[0]
+    head = model.get_output_embeddings()
+    assert isinstance(head, cpu_backend.WeightOnlyLinear) and head.scales_dtype == torch.bfloat16
+    assert model.semisparse_backend["lm_head"]["path"] == "kernel" and model.dtype == torch.float32
+    reference = semisparse.load(out, dtype=torch.float32)
+    assert logits(model).dtype == torch.float32
+    assert rel_error(logits(model), logits(reference)) <= 2 * RTOL[torch.bfloat16]  # bf16 kernels + a rounded head
 
 
 # ------------------------------------------------------------------------------------------ bad input

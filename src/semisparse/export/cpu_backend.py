@@ -14,6 +14,12 @@ Per layer: a shape the kernel does not take (below), a SLoRB layer, a kernel out
 path on a probe input, or a kernel that measures slower than the float path at any of the measured token counts
 keeps the float layer (the de-quantized weight, in the activation dtype). Layers of one shape share a measurement.
 
+The kernels compute in bf16 by default, also in a float32 model (a CPU without native bf16): there they take each
+layer's input cast to bf16 and hand back float32. Their float32-activation path measured 5-25x slower than a plain
+float32 matmul on every CPU here (AVX-512 BF16 and AVX2-only alike), while with bf16 activations they beat it at
+decode sizes even on an AVX2-only CPU whose bf16 matmuls are ~100x slower than float32 (BENCHMARKS.md, "CPU
+inference"). A dtype asked for explicitly is used for both.
+
 ``lm_head="int8"``: the LM head, stored in float (never pruned), is quantized at load with export/quant.py's int8
 rule (round to nearest, one scale per output row) and runs through the int8 kernel under the same probe (against
 its own de-quantized weight) and timing (against the float head it replaces). A tied input embedding keeps its
@@ -46,7 +52,7 @@ ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def activation_dtype(requested: torch.dtype | None) -> tuple[torch.dtype, str]:
-    """(dtype the backend computes in, why): bf16 where the CPU has native bf16 matmuls, else float32."""
+    """(dtype the model computes in, why): bf16 where the CPU has native bf16 matmuls, else float32."""
     from semisparse.devices import native_bf16_cpu
     from semisparse.errors import UserError
 
@@ -58,6 +64,12 @@ def activation_dtype(requested: torch.dtype | None) -> tuple[torch.dtype, str]:
     if feature is not None:
         return torch.bfloat16, f"this CPU has {feature} (native bf16 matmuls)"
     return torch.float32, "this CPU has no native bf16 (no AVX-512 BF16 or AMX), where bf16 is slower than float32"
+
+
+def kernel_dtype(requested: torch.dtype | None) -> torch.dtype:
+    """The dtype the weight-only kernels compute in: the one asked for, else bf16 whatever the model's dtype (the
+    module docstring says why)."""
+    return requested if requested is not None else torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ shapes and layouts
@@ -105,7 +117,7 @@ def unsupported(scheme: str, layer: QuantizedLayer, pattern: Pattern, dtype: tor
 
 
 class WeightOnlyLinear(nn.Module):
-    """y = x Wᵀ + b through a weight-only kernel; x of any leading shape, cast to the kernel's dtype."""
+    """y = x Wᵀ + b through a weight-only kernel; x of any leading shape, cast to the kernel's dtype, y in x's."""
 
     def __init__(self, scheme: str, out_features: int, in_features: int, bias: torch.Tensor | None,
                  tensors: dict[str, torch.Tensor], group: int | None = None):
@@ -124,7 +136,7 @@ class WeightOnlyLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
 
     @property
     def scales_dtype(self) -> torch.dtype:
@@ -195,13 +207,13 @@ def _probe_error(kernel: nn.Module, module: nn.Module, x: torch.Tensor) -> float
 def _measure_shape(kernel: nn.Module, module: nn.Module, shape: tuple[int, int], dtype: torch.dtype,
                    measure: Measure, same: Callable[[torch.Tensor], torch.Tensor] | None = None
                    ) -> tuple[str, str, dict]:
-    """(path, reason, timings µs) for one shape, the first layer of that shape standing for all. The probe compares
-    the kernel with ``same`` (the float path of the very same weights; default ``module``), the timing with
-    ``module`` (the layer it would replace)."""
+    """(path, reason, timings µs) for one shape, the first layer of that shape standing for all, with inputs in the
+    model's ``dtype``. The probe compares the kernel with ``same`` (the float path of the very same weights;
+    default ``module``) within its own dtype's tolerance, the timing with ``module`` (the layer it would replace)."""
     gen = torch.Generator().manual_seed(measure.seed)
     x = torch.randn(max(measure.tokens), shape[1], generator=gen).to(dtype)
     error = _probe_error(kernel, same or module, x)
-    if not error <= PROBE_RTOL[dtype]:
+    if not error <= PROBE_RTOL[kernel.scales_dtype]:
         return "float", f"the kernel's output differs from the float path (relative error {error:.1e})", {}
     timings, slower = {}, []
     for tokens in measure.tokens:
@@ -228,18 +240,19 @@ def lm_head_kernel(head: nn.Linear, dtype: torch.dtype) -> tuple[WeightOnlyLinea
     return kernel, (q.codes.float() * q.scales[:, None]).to(dtype)
 
 
-def _apply_lm_head(model: nn.Module, dtype: torch.dtype, measure: Measure) -> dict:
-    """Swap the LM head for the int8 kernel where the probe and the timing allow; the record of that choice."""
+def _apply_lm_head(model: nn.Module, dtype: torch.dtype, kernel_dt: torch.dtype, measure: Measure) -> dict:
+    """Swap the LM head for the int8 kernel (computing in ``kernel_dt``) where the probe and the timing allow; the
+    record of that choice."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return {"path": "float", "reason": f"the output layer is a {type(head).__name__}, not a linear layer"}
     shape = tuple(head.weight.shape)
     record = {"shape": list(shape), "scheme": "int8 (quantized at load: round to nearest, one scale per row)"}
-    reason = int8_unsupported(shape[1], dtype)
+    reason = int8_unsupported(shape[1], kernel_dt)
     if reason is not None:
         return {**record, "path": "float", "reason": reason}
-    kernel, weight = lm_head_kernel(head, dtype)
-    bias = kernel.bias
+    kernel, weight = lm_head_kernel(head, kernel_dt)
+    weight, bias = weight.to(dtype), None if kernel.bias is None else kernel.bias.to(dtype)
     path, reason, timings = _measure_shape(kernel, head, shape, dtype, measure,
                                            same=lambda x: torch.nn.functional.linear(x, weight, bias))
     if path == "kernel":
@@ -250,13 +263,14 @@ def _apply_lm_head(model: nn.Module, dtype: torch.dtype, measure: Measure) -> di
 
 def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], pattern: Pattern, scheme: str,
                       dtype: torch.dtype, dtype_reason: str, measure: Measure | None = None,
-                      lm_head: str = "float") -> dict:
-    """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel where chosen, and with
-    ``lm_head="int8"`` the LM head too; returns the choice (also printed through ``measure.say``): per layer path,
-    reason, kernel group and timings."""
+                      lm_head: str = "float", kernel_dt: torch.dtype | None = None) -> dict:
+    """Swap each sparse layer of ``model`` (already in ``dtype``, de-quantized) for its kernel (computing in
+    ``kernel_dt``, default ``dtype``) where chosen, and with ``lm_head="int8"`` the LM head too; returns the choice
+    (also printed through ``measure.say``): per layer path, reason, kernel group and timings."""
     from semisparse.train.sparse_linear import SparseLinear
 
     measure = measure or Measure()
+    kernel_dt = kernel_dt or dtype
     by_shape: dict[tuple, tuple[str, str, dict]] = {}
     report_layers: dict[str, dict] = {}
     with torch.inference_mode():
@@ -264,12 +278,12 @@ def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], patte
             module = model.get_submodule(name)
             record = {"shape": list(layer.shape), "scheme": scheme}
             reason = ("it carries a SLoRB branch" if isinstance(module, SparseLinear)
-                      else unsupported(scheme, layer, pattern, dtype))
+                      else unsupported(scheme, layer, pattern, kernel_dt))
             if reason is not None:
                 report_layers[name] = {**record, "path": "float", "reason": reason}
                 continue
             bias = getattr(module, "bias", None)
-            kernel = kernel_layer(scheme, layer, pattern, dtype, bias)
+            kernel = kernel_layer(scheme, layer, pattern, kernel_dt, bias)
             key = (layer.shape, kernel.group, bias is not None)
             if key not in by_shape:
                 by_shape[key] = _measure_shape(kernel, module, layer.shape, dtype, measure)
@@ -278,10 +292,11 @@ def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], patte
                                    "timings": timings}
             if path == "kernel":
                 model.set_submodule(name, kernel)
-        head = _apply_lm_head(model, dtype, measure) if lm_head == "int8" else None
+        head = _apply_lm_head(model, dtype, kernel_dt, measure) if lm_head == "int8" else None
     chosen = sum(r["path"] == "kernel" for r in report_layers.values())
     report = {"backend": "cpu", "scheme": scheme, "activation_dtype": str(dtype).removeprefix("torch."),
-              "activation_dtype_reason": dtype_reason, "measured_tokens": list(measure.tokens),
+              "activation_dtype_reason": dtype_reason, "kernel_dtype": str(kernel_dt).removeprefix("torch."),
+              "measured_tokens": list(measure.tokens),
               "torch": torch.__version__, "kernel_layers": chosen, "float_layers": len(report_layers) - chosen,
               "layers": report_layers, "lm_head": head or {"path": "float", "reason": "as exported (lm_head float)"}}
     if measure.say is not None:
@@ -292,9 +307,11 @@ def apply_cpu_backend(model: nn.Module, layers: dict[str, QuantizedLayer], patte
 
 def describe(report: dict) -> list[str]:
     """The choice as a few lines: one per distinct (shape [out, in], path, reason)."""
+    kernels = report.get("kernel_dtype", report["activation_dtype"])
+    inside = f", the kernels in {kernels}" if kernels != report["activation_dtype"] else ""
     lines = [f"cpu backend: {report['kernel_layers']} of {report['kernel_layers'] + report['float_layers']} sparse "
              f"layers through the {report['scheme']} kernel, activations {report['activation_dtype']} "
-             f"({report['activation_dtype_reason']})"]
+             f"({report['activation_dtype_reason']}){inside}"]
     head = report.get("lm_head") or {}
     if head.get("scheme"):  # asked for: say what became of it
         lines.append(f"  lm_head {head.get('shape')}: {head['path']}: {head['reason']}")

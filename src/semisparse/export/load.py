@@ -150,8 +150,9 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     manifest = verify(path)
     scheme = check_cpu_backend(path, manifest, device) if backend == "cpu" else None
     if scheme is not None:
-        from semisparse.export.cpu_backend import activation_dtype
+        from semisparse.export.cpu_backend import activation_dtype, kernel_dtype
 
+        kernel_dt = kernel_dtype(dtype)
         dtype, dtype_reason = activation_dtype(dtype)
     if backend == "semi-structured":
         from semisparse.export import cuda_backend
@@ -169,7 +170,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 
             model, quantized = _load_packed(path, manifest, dtype, keep_quantized=True)
             model.semisparse_backend = apply_cpu_backend(model, quantized, Pattern.parse(manifest["pattern"]),
-                                                         scheme, dtype, dtype_reason, measure, lm_head)
+                                                         scheme, dtype, dtype_reason, measure, lm_head, kernel_dt)
         else:
             model = _load_packed(path, manifest, dtype)
         if manifest["format"] != FORMAT_NAMES["hf"]:  # what from_pretrained gives an hf folder, for every backend
