@@ -15,7 +15,7 @@ path on a probe input, or a kernel that measures slower than the float path at a
 keeps the float layer (the de-quantized weight, in the activation dtype). Layers of one shape share a measurement.
 
 The kernels compute in bf16 by default, also in a float32 model (a CPU without native bf16): there they take each
-layer's input cast to bf16 and hand back float32. Their float32-activation path measured 5-25x slower than a plain
+layer's input cast to bf16 and hand back float32. Their float32-activation path measured 3-40x slower than a plain
 float32 matmul on every CPU here (AVX-512 BF16 and AVX2-only alike), while with bf16 activations they beat it at
 decode sizes even on an AVX2-only CPU whose bf16 matmuls are ~100x slower than float32 (BENCHMARKS.md, "CPU
 inference"). A dtype asked for explicitly is used for both.
