@@ -41,19 +41,20 @@ def _reference(hs, ht, ws, wt, y, alpha, T):
     return alpha * kl_mean + (1 - alpha) * ce_mean, ce_mean, kl_mean
 
 
+@pytest.mark.parametrize("T", [2.0, 1.0, 0.7])  # the teacher's division moves to its hidden state; none at T = 1
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.67, 1.0])
 @pytest.mark.parametrize("chunk, recompute", [(1, True), (7, True), (10, True), (1000, True), (7, False)])
-def test_matches_direct_float64_values_and_gradients(alpha, chunk, recompute):
+def test_matches_direct_float64_values_and_gradients(alpha, chunk, recompute, T):
     hs, ht, ws, wt, y = _data()
     hs_ref, ws_ref = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    total_ref, ce_ref, kl_ref = _reference(hs_ref, ht, ws_ref, wt, y, alpha, 2.0)
+    total_ref, ce_ref, kl_ref = _reference(hs_ref, ht, ws_ref, wt, y, alpha, T)
     total_ref.backward()
 
     hs_mine = hs.clone().requires_grad_()
     head = nn.Linear(H, V, bias=False).double()  # a head module: its weight must get the gradient too
     with torch.no_grad():
         head.weight.copy_(ws)
-    out = distill_loss(hs_mine, y, head, ht, wt, alpha=alpha, temperature=2.0, chunk_size=chunk,
+    out = distill_loss(hs_mine, y, head, ht, wt, alpha=alpha, temperature=T, chunk_size=chunk,
                        recompute=recompute)
     out.loss.backward()
 

@@ -88,10 +88,13 @@ def _chunk_sums(
         return ce, logits.new_zeros(())
     assert teacher_head is not None
     with torch.no_grad():  # the teacher is frozen: its logits never need a graph
-        teacher_logp = F.log_softmax(_apply_head(teacher_head, teacher_hidden) / temperature, dim=-1)
+        # z/T as (h/T)·Wᵀ: the division runs over the hidden size, not the vocabulary (exact for T = 2)
+        scaled = teacher_hidden if temperature == 1 else teacher_hidden / temperature
+        teacher_logp = F.log_softmax(_apply_head(teacher_head, scaled), dim=-1)
     if teacher_logp.shape != logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logp.shape)} != student logits {tuple(logits.shape)}")
-    student_logp = F.log_softmax(logits / temperature, dim=-1)
+    # the student's logits also feed the CE at T = 1: divided here, and not at all when T = 1 (CAST's KL)
+    student_logp = F.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
     kl = F.kl_div(student_logp, teacher_logp.to(student_logp.dtype), log_target=True, reduction="sum")
     return ce, kl
 

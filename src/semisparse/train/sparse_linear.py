@@ -389,8 +389,9 @@ def shard_masks_with_weights(model: nn.Module) -> None:
 
 
 def param_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
-    """{dense weight: its live mask buffer}: the mapping the masked optimizer needs. The buffers are updated in
-    place by ``recompute_mask``, so this mapping never goes stale."""
+    """{dense weight: its live mask}: the mapping the masked optimizer needs (a buffer; under FSDP2 a frozen
+    parameter sharded like the weight). Masks are updated in place by ``recompute_mask``, so this mapping never goes
+    stale."""
     return {layer.weight: layer.mask for layer in sparse_layers(model).values()}
 
 
