@@ -124,19 +124,11 @@ def gemm_rates(n: int = 1024, reps: int = 3) -> dict:
     question ``precision: auto`` answers from the CPU's capability report."""
     import torch
 
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up
-        best = min(_timed(lambda: a @ b) for _ in range(reps))
-        rates[name] = 2 * n**3 / best / 1e9
+    from semisparse.devices import matmul_seconds
+
+    rates = {name: 2 * n**3 / matmul_seconds(n, dtype, reps) / 1e9
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     return {"n": n, "gflops": rates, "bf16_vs_fp32": rates["bf16"] / rates["fp32"]}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def summarize(times: dict, args) -> dict:

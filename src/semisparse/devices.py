@@ -40,22 +40,24 @@ def native_bf16_cpu() -> str | None:
     return None
 
 
-def bf16_matmul_slowdown(n: int = 256, reps: int = 3) -> float:
-    """How many times longer an n³ bf16 matmul takes than a float32 one on this CPU (best of ``reps``; n = 256 costs
-    ~30 ms where bf16 is emulated). Below 1 where bf16 is native."""
+def matmul_seconds(n: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """Best of ``reps`` wall times of an n³ CPU matmul in ``dtype``, after one warm-up."""
     import time
 
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        best[dtype] = min(times)
-    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bf16_matmul_slowdown(n: int = 256, reps: int = 3) -> float:
+    """How many times longer an n³ bf16 matmul takes than a float32 one on this CPU (n = 256 costs ~30 ms where bf16
+    is emulated). Below 1 where bf16 is native."""
+    return matmul_seconds(n, torch.bfloat16, reps) / max(matmul_seconds(n, torch.float32, reps), 1e-9)
 
 
 def precision_warning(precision: str, device: torch.device) -> str | None:
