@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from semisparse.config import load_recipe
 from semisparse.errors import UserError
 from semisparse.masks import is_nm, nm_mask
+from semisparse.train import checkpoint as ckpt
 from semisparse.train import setup as train_setup
 from semisparse.train import trainer
 from semisparse.train.optim import AdamS, decay_lambda, set_adams_alpha, set_srste_lambda
@@ -241,6 +242,7 @@ def test_cast_resume_restores_the_live_mask(tmp_path, tiny_dir, text):
     resumed_dir.mkdir()
     shutil.copy(full.run_dir / "run.json", resumed_dir / "run.json")
     shutil.copytree(full.run_dir / "checkpoints" / "step-000004", resumed_dir / "checkpoints" / "step-000004")
+    shutil.copy(full.run_dir / "checkpoints" / ckpt.INITIAL_MASKS_FILE, resumed_dir / "checkpoints")  # M0, once a run
     resumed = trainer.train(str(tiny_dir), resumed_dir, None, {}, resume=True, progress=False)
     a, b = load_file(str(full.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

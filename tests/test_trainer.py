@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from semisparse import api
+from semisparse import api, rundir
 from semisparse.data import load_text, tokenize_joined
 from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import perplexity
@@ -208,7 +208,7 @@ def test_frozen_mask_never_changes(tmp_path, tiny_dir, text, monkeypatch):
 def _dense_after(run_dir: Path, steps: int) -> tuple[dict, dict]:
     path = run_dir / "checkpoints" / ckpt.step_dir_name(steps)
     state = ckpt.read_model_state(path)
-    m0 = {k[len("m0."):]: v for k, v in ckpt.read_extra(path).items()}
+    m0 = load_file(str(run_dir / "checkpoints" / ckpt.INITIAL_MASKS_FILE))
     return {n: state[f"{n}.weight"] for n in m0}, m0
 
 
@@ -290,7 +290,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
     assert int(Path(resumed.summary["resumed_from"]).name[len("step-"):]) >= 4
 
     final = ckpt.step_dir_name(steps)
-    for read in (ckpt.read_tensors, lambda p: load_file(str(p / ckpt.RNG_FILE)), ckpt.read_extra):
+    m0 = lambda p: load_file(str(p.parent / ckpt.INITIAL_MASKS_FILE))  # written once, at the start
+    for read in (ckpt.read_tensors, lambda p: load_file(str(p / ckpt.RNG_FILE)), m0):
         a = read(killed / "checkpoints" / final)  # model, optimizer moments, RNG, M0
         b = read(tmp_path / "reference" / "checkpoints" / final)
         assert a.keys() == b.keys() and a
@@ -304,19 +305,92 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, text):
     assert strip(metrics(killed)) == strip(metrics(tmp_path / "reference"))
 
 
+def _resume_error(model_dir, run_dir, monkeypatch, capsys) -> str:
+    """`semisparse train MODEL --out RUN --resume` through the CLI: the one stderr line of an exit 2."""
+    from semisparse import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["semisparse", "train", str(model_dir), "--out", str(run_dir), "--resume"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
 def test_resume_refuses_a_corrupted_checkpoint(tmp_path, tiny_dir, text, monkeypatch, capsys):
     result = run(tmp_path, tiny_dir, text, steps=2, checkpoint__every=2)
     blob = result.run_dir / "checkpoints" / "step-000002" / ckpt.DCP_DIR / "__0_0.distcp"
     blob.write_bytes(blob.read_bytes()[:-100])
-    from semisparse import cli
+    line = _resume_error(tiny_dir, result.run_dir, monkeypatch, capsys)
+    assert "step-000002 is corrupted: dcp/__0_0.distcp has" in line and "truncated" in line
 
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["semisparse", "train", str(tiny_dir), "--out", str(result.run_dir), "--resume"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1
-    assert "step-000002 is corrupted: dcp/__0_0.distcp has" in err[0] and "truncated" in err[0]
+
+def test_initial_masks_are_written_once_and_checked_on_resume(tmp_path, tiny_dir, text, monkeypatch, capsys):
+    """M0 is one file per run (run.json holds its sha256), not a copy in every checkpoint; it is the one-shot mask
+    the run started from, and a damaged M0 file stops `--resume` with one line and exit 2."""
+    result = run(tmp_path, tiny_dir, text, steps=4, checkpoint__every=2, checkpoint__keep=2, mask__every=1)
+    root = result.run_dir / "checkpoints"
+    record = json.loads((result.run_dir / "run.json").read_text())["initial_masks"]
+    assert record["file"] == f"checkpoints/{ckpt.INITIAL_MASKS_FILE}" and record["bytes"] > 0
+    dense = {n: weight_matrix(m) for n, m in select_layers(load_model(str(tiny_dir)).model).items()}
+    m0 = load_file(str(root / ckpt.INITIAL_MASKS_FILE))
+    assert m0.keys() == dense.keys()
+    assert all(torch.equal(m0[n], nm_mask(w.abs(), "2:4")) for n, w in dense.items())  # magnitude init
+    for step in ("step-000002", "step-000004"):
+        assert ckpt.read_extra(root / step) == {}  # nothing repeated per checkpoint
+    init_flips = [r["init_flips"] for r in metrics(result.run_dir) if "init_flips" in r]
+    assert init_flips and init_flips[-1] > 0  # the masks moved away from the file's M0 ...
+    final = load_file(str(result.run_dir / "masks.safetensors"))
+    assert init_flips[-1] == sum(int((final[n] != m0[n]).sum()) for n in m0)  # ... by exactly this much
+
+    (result.run_dir / "semisparse.json").unlink()  # as if stopped after its last checkpoint
+    flipped = {n: m.clone() for n, m in m0.items()}
+    name = next(iter(flipped))
+    flipped[name][0, :4] = ~flipped[name][0, :4]  # still 2:4, so only the hash can tell
+    from safetensors.torch import save_file
+
+    save_file(flipped, str(root / ckpt.INITIAL_MASKS_FILE))
+    assert "initial_masks.safetensors is truncated or modified" in _resume_error(tiny_dir, result.run_dir,
+                                                                                  monkeypatch, capsys)
+
+
+def test_a_checkpoint_from_before_the_initial_masks_file_resumes(tmp_path, tiny_dir, text):
+    """Checkpoints written before 2026-12-08 carried M0 in extra.safetensors and run.json recorded no M0 file:
+    such a run resumes, gets the file and the record, and ends where an uninterrupted run ends."""
+    fields = dict(steps=4, checkpoint__every=2, mask__every=1)
+    reference = run(tmp_path, tiny_dir, text, name="reference", **fields).run_dir
+    old = run(tmp_path, tiny_dir, text, name="old", **fields).run_dir
+    root = old / "checkpoints"
+    m0 = load_file(str(root / ckpt.INITIAL_MASKS_FILE))
+    step2 = root / "step-000002"
+    import shutil
+
+    shutil.rmtree(root / "step-000004")
+    for name in ("semisparse.json", "model.safetensors", "masks.safetensors"):
+        (old / name).unlink()
+    (root / ckpt.INITIAL_MASKS_FILE).unlink()
+    record = json.loads((old / "run.json").read_text())
+    del record["initial_masks"]
+    (old / "run.json").write_text(json.dumps(record))
+    from safetensors.torch import save_file
+
+    save_file({f"{ckpt.M0_PREFIX}{n}": m for n, m in m0.items()}, str(step2 / ckpt.EXTRA_FILE))
+    manifest = json.loads((step2 / ckpt.MANIFEST).read_text())  # the old checkpoint's manifest covered its M0
+    manifest["files"][ckpt.EXTRA_FILE] = {"sha256": rundir.sha256_file(step2 / ckpt.EXTRA_FILE),
+                                          "bytes": (step2 / ckpt.EXTRA_FILE).stat().st_size}
+    (step2 / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+    resumed = trainer.train(str(tiny_dir), old, None, {}, resume=True, progress=False)
+    assert Path(resumed.summary["resumed_from"]).name == "step-000002"
+    assert json.loads((old / "run.json").read_text())["initial_masks"]["bytes"] > 0
+    again = load_file(str(root / ckpt.INITIAL_MASKS_FILE))
+    assert again.keys() == m0.keys() and all(torch.equal(again[n], m0[n]) for n in m0)
+    for name in ("model.safetensors", "masks.safetensors"):
+        a, b = load_file(str(old / name)), load_file(str(reference / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "teacher_s", "step_s")} for r in rs]
+    assert strip(metrics(old)) == strip(metrics(reference))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, text, monkeypatch):

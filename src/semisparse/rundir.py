@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,8 @@ def dump_json(data: Any, indent: int | None = 2) -> str:
     return json.dumps(data, indent=indent) + "\n"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Replace ``path`` by ``data`` atomically: temp file in the same folder, fsync, rename, fsync the folder.
+def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace ``path`` by what ``write(tmp)`` puts in a temp file: same folder, fsync, rename, fsync the folder.
 
     Readers see the old content or the new one, never a mix. On failure the old file is intact, the temp file is
     gone and a one-line ``UserError`` names ``path``.
@@ -144,14 +144,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     done = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies, as for open()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
         done = True
     except OSError as exc:
@@ -161,6 +155,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             _remove(tmp)
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies, as for open()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    return atomic_write_file(path, write)
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict) -> Path:
+    """A safetensors file written atomically (safetensors writes the temp file, renamed into place)."""
+    from safetensors.torch import save_file
+
+    return atomic_write_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

@@ -1,6 +1,7 @@
 """Run under torchrun (2 CPU processes, gloo): the masked optimizers and the mask recompute on FSDP2-sharded
 SparseLinear weights and masks equal a one-process run on the full weights, and each process holds only its rows
-of every mask. Rank 0 writes "OK" and the compared tensor count to the file named by argv[1], or raises."""
+of every mask and of the initial masks M0. Rank 0 writes "OK" and the compared tensor count to the file named by
+argv[1], or raises."""
 
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_llama  # noqa: E402
 
 from semisparse.train.optim import AdamS, MaskedAdamW, set_adams_alpha  # noqa: E402
+from semisparse.train.setup import local_initial_masks  # noqa: E402
 from semisparse.train.sparse_linear import (  # noqa: E402
     param_masks,
     shard_masks_with_weights,
@@ -66,6 +68,14 @@ def main() -> None:
             assert rows.dtype == torch.bool and rows.shape == layer.weight.to_local().shape, name
             assert 2 * rows.shape[0] == layer.mask.shape[0], (name, rows.shape, layer.mask.shape)
         gathered = {name: layer.mask.full_tensor() for name, layer in local.items()}  # every process takes part
+        # M0 as the trainer keeps it: this process's rows, copied, and the rows of the full mask its weight holds
+        initial = local_initial_masks(local, gathered)
+        for name, layer in local.items():
+            start = rank * layer.weight.to_local().shape[0]
+            assert torch.equal(initial[name], gathered[name][start:start + initial[name].shape[0]]), name
+            assert 2 * initial[name].shape[0] == gathered[name].shape[0], name
+            assert initial[name].untyped_storage().nbytes() == initial[name].numel(), name  # not a view of M0
+            compared += 1
         if rank == 0:
             ref, ref_opt = build(optimizer, shard=False)
             train(ref, ref_opt, steps=4)

@@ -7,7 +7,7 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNN`` (NNNNNN = optimizer ste
   into 1 (or 8) and the reverse; one process writes one file. Weights, bool masks (sharded like their weights),
   SLoRB S/X, CAST's weight scales and every optimizer moment are in it;
 - ``rng.safetensors``: rank 0's torch CPU (and CUDA) generator states;
-- ``extra.safetensors``: trainer tensors such as the initial masks M0 (for the flip rate vs M0);
+- ``extra.safetensors``: any other trainer tensors (before 2026-12-08 the initial masks M0, read on resume);
 - ``state.json``: step, tokens, data position, python/numpy RNG states and whatever the trainer adds;
 - ``manifest.json`` (written last): format version, step and the sha256 + size of every other file.
 
@@ -15,6 +15,10 @@ Saving (every process calls it): rank 0 makes a hidden staging folder, every pro
 then rank 0 adds the rest, fsyncs every file and renames the folder into place (``rundir.atomic_dir``), so a killed
 job leaves either a complete checkpoint or a hidden leftover (ignored and cleaned up later). Loading re-hashes every
 file (rank 0): a truncated or modified checkpoint is refused with a one-line ``UserError``.
+
+The initial masks M0 (for the flip rate vs M0) never change during a run, so rank 0 writes them once, at the start,
+beside the step folders (``RUN/checkpoints/initial_masks.safetensors``; run.json keeps its sha256), instead of
+into every checkpoint; each process keeps only its rows of them in memory.
 
 DCP's ``.metadata`` is a pickle (torch's format, not ours): checkpoints are for resuming your own runs; the run
 directory's safetensors files are what to share.
@@ -47,6 +51,8 @@ DCP_METADATA = f"{DCP_DIR}/.metadata"
 RNG_FILE = "rng.safetensors"
 EXTRA_FILE = "extra.safetensors"
 STATE_FILE = "state.json"
+INITIAL_MASKS_FILE = "initial_masks.safetensors"  # M0, once per run, beside the step folders
+M0_PREFIX = "m0."  # M0's keys in extra.safetensors, where checkpoints before 2026-12-08 kept it
 _TMP_PREFIX, _OLD_PREFIX = ".tmp-", ".old-"  # hidden leftovers of a killed save
 
 
@@ -277,6 +283,36 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 def read_extra(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / EXTRA_FILE))
+
+
+def save_initial_masks(root: Path, masks: dict[str, torch.Tensor]) -> dict:
+    """Write M0 once for the whole run (rank 0); returns the record run.json keeps to check it on resume."""
+    path = rundir.atomic_save_tensors(Path(root) / INITIAL_MASKS_FILE, {k: v.cpu() for k, v in masks.items()})
+    return {"file": f"{DIR_NAME}/{INITIAL_MASKS_FILE}", "sha256": rundir.sha256_file(path),
+            "bytes": path.stat().st_size}
+
+
+def read_initial_masks(checkpoint: Path, record: dict | None, dist: Dist = Dist()) -> dict[str, torch.Tensor]:
+    """M0 for a run resumed from ``checkpoint``: the checkpoint's own copy (written before 2026-12-08), else the
+    run's file, checked by rank 0 against ``record`` (run.json's ``initial_masks``). Every process calls this."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / EXTRA_FILE).is_file():
+        old = {k[len(M0_PREFIX):]: v for k, v in read_extra(checkpoint).items() if k.startswith(M0_PREFIX)}
+        if old:
+            return old
+    path = checkpoint.parent / INITIAL_MASKS_FILE
+    problem = None
+    if dist.is_main:
+        if record is None:
+            problem = f"cannot resume: {checkpoint} has no initial masks and run.json records none"
+        elif not path.is_file():
+            problem = f"cannot resume: the run's initial masks {path} are missing"
+        elif path.stat().st_size != record["bytes"] or rundir.sha256_file(path) != record["sha256"]:
+            problem = f"cannot resume: {path} is truncated or modified (its sha256 differs from run.json's)"
+    problem = broadcast(dist, problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return load_file(str(path))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -39,7 +39,7 @@ from semisparse.train import checkpoint as ckpt
 from semisparse.train import distributed
 from semisparse.train.distill import lm_head, logits_fit
 from semisparse.train.metrics import MetricsLog
-from semisparse.train.optim import AdamS, MaskedAdamW
+from semisparse.train.optim import AdamS, MaskedAdamW, local_rows
 from semisparse.train.schedules import Decay, LrSchedule, MaskSchedule, adams_reach
 from semisparse.train.sparse_linear import (
     WEIGHT_SCALE,
@@ -48,8 +48,6 @@ from semisparse.train.sparse_linear import (
     slorb_parameter_count,
     sparsify,
 )
-
-M0_PREFIX = "m0."
 
 
 def now() -> str:
@@ -236,6 +234,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+def local_initial_masks(layers: dict[str, SparseLinear], masks0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This process's rows of M0, copied: FSDP2 splits each weight (and its live mask) by output rows and the flip
+    count vs M0 is summed over rows, so a process never needs the other rows (1 byte a sparse weight otherwise, in
+    every process: 6.5 GB each for LLaMA-2-7B). One process: M0 as it is."""
+    local = {name: local_rows(layer.weight, masks0[name]) for name, layer in layers.items()}
+    return {name: rows if rows is masks0[name] else rows.clone() for name, rows in local.items()}  # a view: copied
+
+
 def create_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Called once every input has been checked, so a bad flag never costs an existing run."""
     if overwrite and run_dir.exists():
@@ -335,12 +341,19 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     if eval_src is not None and cfg.data.eval is None and eval_src.split == "file":
         say(f"note: evaluating on the training file {eval_spec} itself (set data.eval / --eval-data for held-out text)")
     resume_from = _pick_checkpoint(run_dir, d, say) if resume else None
+    masks0 = masks0_record = None  # M0, and run.json's record of its file (None: to write, see below)
+    if resume_from is not None:  # checked with the checkpoint, before any slow loading
+        masks0_record = json.loads((run_dir / RUN_FILE).read_text()).get("initial_masks")
+        masks0 = ckpt.read_initial_masks(resume_from, masks0_record, d)
 
     # ---- the student: the init run directory, or MODEL (pruned one-shot below)
     student_src = str(init_dir) if init_dir is not None else model
     if cfg.scale.enabled:
         check_scale_widths(student_src, cfg)
-    loaded = load_model(student_src, device=device)
+    # Read into CPU memory: the teacher is copied and cast to bf16 there, and with several processes the student
+    # stays there until FSDP2 shards it, one block at a time onto the GPU (never a whole fp32 copy on a GPU: 4 bytes
+    # a parameter, 52 GB for a 13B model). One process moves it to its device after sparsify.
+    loaded = load_model(student_src, device="cpu")
     net, tokenizer = loaded.model, loaded.tokenizer
     init_meta = loaded.run_meta if init_dir is not None else None
     dense_spec = (init_meta or {}).get("dense_model") or (loaded.run_meta or {}).get("dense_model") or model
@@ -376,25 +389,25 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         if teacher_spec == student_src and init_dir is None and not loaded.run_meta:
             teacher = copy.deepcopy(net)
         else:
-            teacher = load_model(teacher_spec, device=device).model
+            teacher = load_model(teacher_spec, device="cpu").model
         if teacher.get_output_embeddings().weight.shape[0] != net.get_output_embeddings().weight.shape[0]:
             raise UserError(f"teacher {teacher_spec!r} has a different vocabulary than the student")
         teacher.eval().requires_grad_(False)
         teacher.config.use_cache = False
         if precision == "bf16":
             teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and half the bytes to read
+        if not (d.sharded and cfg.fsdp.shard_teacher):  # (a sharded teacher moves to the GPU as it is sharded)
+            teacher.to(device)
 
-    # ---- initial masks M0: from the checkpoint (resume), the init run directory, or a one-shot pruner
-    if resume_from is not None:
-        extra = ckpt.read_extra(resume_from)
-        masks0 = {k[len(M0_PREFIX):]: v for k, v in extra.items() if k.startswith(M0_PREFIX)}
-    elif init_dir is not None:
+    # ---- initial masks M0: from the run (resume, read above), the init run directory, or a one-shot pruner
+    if masks0 is None and init_dir is not None:
         if Pattern.parse(init_meta.get("pattern", cfg.pattern)) != Pattern.parse(cfg.pattern):
             raise UserError(
                 f"--init {init_dir} is {init_meta.get('pattern')} sparse, but the recipe asks for {cfg.pattern}"
             )
         masks0 = load_masks(init_dir)
-    else:
+    elif masks0 is None:
+        net.to(device)  # the pruner runs the whole model on the device
         masks0 = init_masks(net, cfg, stream, seq_len, device, progress and d.is_main, tokenizer, train_data.docs)
     masks0 = {k: v.to(torch.bool).cpu() for k, v in masks0.items()}
     try:
@@ -405,7 +418,9 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         )
     except (ValueError, TypeError) as exc:
         raise UserError(f"cannot make the model sparse: {exc}") from exc
-    net.to(device).train()
+    if not d.sharded:
+        net.to(device)
+    net.train()
     use_cache = getattr(net.config, "use_cache", None)
     net.config.use_cache = False
     if cfg.train.gradient_checkpointing:
@@ -452,6 +467,8 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         distributed.shard(net, cfg.fsdp, device, precision, train_method=TRAIN_LOSS)
         if teacher is not None and cfg.fsdp.shard_teacher:
             distributed.shard(teacher, cfg.fsdp, device, precision, train_method=TEACHER_FORWARD)
+    masks0_to_write = masks0 if d.is_main and masks0_record is None else None
+    masks0 = local_initial_masks(layers, masks0)
 
     groups = param_groups(net, cfg.optim.weight_decay)
     opt_kw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -489,9 +506,16 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
             truncate_metrics(run_dir / METRICS_FILE, start_step - 1)
         else:
             create_run_dir(run_dir, overwrite)
+        if masks0_to_write is not None:
+            masks0_record = ckpt.save_initial_masks(run_dir / ckpt.DIR_NAME, masks0_to_write)
+        if resume_from is None:
             run_record = {"model": model, "recipe": cfg.to_dict(), "recipe_info": recipe_info, "world_size": d.world,
-                          "created": now()}
+                          "created": now(), "initial_masks": masks0_record}
             rundir.atomic_write_json(run_dir / RUN_FILE, run_record, indent=1)
+        elif masks0_to_write is not None:  # a run from before the M0 file: record it, later checkpoints omit M0
+            run_record = {**json.loads((run_dir / RUN_FILE).read_text()), "initial_masks": masks0_record}
+            rundir.atomic_write_json(run_dir / RUN_FILE, run_record, indent=1)
+    del masks0_to_write
     distributed.barrier(d)
     vocab = lm_head(net).weight.shape[0]
     recompute_logits = cfg.distill.recompute == "always" or (

@@ -72,7 +72,7 @@ from semisparse.train.distill import distill_loss, final_hidden_states, lm_head
 from semisparse.train.metrics import MetricsLog, write_plots  # noqa: F401 (re-exported)
 from semisparse.train.optim import MaskedAdamW, local_rows  # noqa: F401 (MaskedAdamW re-exported: tests patch it)
 from semisparse.train.schedules import adams_reach, lr_at, mask_update_steps  # noqa: F401 (re-exported)
-from semisparse.train.setup import M0_PREFIX, Run, autocast, now, param_groups, prepare
+from semisparse.train.setup import Run, autocast, now, param_groups, prepare
 from semisparse.train.sparse_linear import SparseLinear, attach_slorb, densify, masked_forward, sparsify
 
 TRAIN_LOSS = distributed.TRAIN_LOSS_METHOD
@@ -116,14 +116,14 @@ def attach_train_loss(model: nn.Module) -> None:
 @torch.no_grad()
 def recompute_masks(layers: dict[str, SparseLinear], initial: dict[str, torch.Tensor],
                     d: distributed.Dist = distributed.Dist()) -> dict:
-    """Recompute every mask from |W| (in place); flips vs the previous masks and vs the initial masks M0, counted
-    over this process's rows and summed over the processes."""
+    """Recompute every mask from |W| (in place); flips vs the previous masks and vs the initial masks M0
+    (``initial``: this process's rows of them, setup.local_initial_masks), summed over the processes."""
     flips = init_flips = total = 0
     for name, layer in layers.items():
         old = local_rows(layer.weight, layer.mask).clone()
         new = layer.recompute_mask()
         flips += flip_count(new, old)
-        init_flips += flip_count(new, local_rows(layer.weight, initial[name]).to(new.device))
+        init_flips += flip_count(new, initial[name].to(new.device))  # this process's rows (local_initial_masks)
         total += new.numel()
     device = next(iter(layers.values())).weight.device
     flips, init_flips, total = distributed.total(d, [flips, init_flips, total], device)
@@ -193,7 +193,7 @@ def loop(run: Run, progress: bool, on_step: Callable[[int], None] | None) -> Non
             run.checkpoint_root, step_done, net, optimizer,
             {"tokens": run.tokens_seen, "total_steps": run.total_steps, "data": run.batches.state_dict(),
              "world_size": d.world, "trainer": trainer_state},
-            {f"{M0_PREFIX}{k}": v for k, v in run.masks0.items()}, keep=cfg.checkpoint.keep, dist=d,
+            keep=cfg.checkpoint.keep, dist=d,
         )
 
     def stop(what: str, value: float, step: int) -> UserError:
