@@ -109,3 +109,16 @@ def test_bf16_training_tracks_fp32(tmp_path, tiny_dir, text):
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert b == pytest.approx(a, rel=3e-2)
     assert losses["fp32"] != losses["bf16"]  # bf16 really ran
+
+
+def test_a_bf16_teacher_read_in_bf16_equals_the_float32_weights_rounded(tiny_dir):
+    """The trainer reads a bf16 run's teacher straight in bf16 (never a float32 copy in memory): the same tensors, bit
+    for bit, as reading float32 and casting, which is what a teacher copied from the student gets."""
+    from semisparse.models import load_model
+
+    direct = load_model(str(tiny_dir), dtype=torch.bfloat16).model.state_dict()
+    cast = load_model(str(tiny_dir)).model.to(torch.bfloat16).state_dict()
+    assert direct.keys() == cast.keys() and direct
+    for key, tensor in direct.items():
+        assert tensor.dtype == cast[key].dtype == torch.bfloat16, key
+        assert torch.equal(tensor, cast[key]), key

@@ -389,7 +389,9 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         if teacher_spec == student_src and init_dir is None and not loaded.run_meta:
             teacher = copy.deepcopy(net)
         else:
-            teacher = load_model(teacher_spec, device="cpu").model
+            # read in the dtype it runs in: a bf16 teacher never exists in float32 (2 bytes a parameter, not 4 + 2)
+            teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            teacher = load_model(teacher_spec, dtype=teacher_dtype, device="cpu").model
         if teacher.get_output_embeddings().weight.shape[0] != net.get_output_embeddings().weight.shape[0]:
             raise UserError(f"teacher {teacher_spec!r} has a different vocabulary than the student")
         teacher.eval().requires_grad_(False)
