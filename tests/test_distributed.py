@@ -124,6 +124,53 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def test_a_skeleton_is_the_loaded_model_without_its_values(tmp_path, tiny_dir):
+    """models.load_skeleton: the same parameter and buffer names, shapes, dtypes, tied weights and attention
+    implementation as load_model, every tensor on the meta device; sources it cannot stand in for are refused."""
+    from semisparse.models import load_model, load_skeleton, skeleton_loadable
+
+    real, skeleton = load_model(str(tiny_dir)).model, load_skeleton(str(tiny_dir)).model
+    a = dict(real.named_parameters()) | dict(real.named_buffers())
+    b = dict(skeleton.named_parameters()) | dict(skeleton.named_buffers())
+    assert a.keys() == b.keys() and a
+    for name, tensor in a.items():
+        assert b[name].is_meta and not tensor.is_meta, name
+        assert (b[name].shape, b[name].dtype) == (tensor.shape, tensor.dtype), name
+    tied = lambda m: m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    assert tied(real) and tied(skeleton)
+    assert skeleton.config._attn_implementation == real.config._attn_implementation
+    assert skeleton_loadable(str(tiny_dir))
+    (tmp_path / "export.json").write_text("{}")
+    (tmp_path / "slorb").mkdir()
+    (tmp_path / "slorb" / "slorb.safetensors").write_bytes(b"")
+    assert not skeleton_loadable(str(tmp_path)) and not skeleton_loadable(str(tmp_path / "slorb"))
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("ast-boosted", {"slorb.k": 8}), ("cast", {"scale.blocks": 2, "fsdp.shard_teacher": True})])
+def test_with_an_init_run_directory_only_rank_0_reads_the_weights(tmp_path, tiny_dir, text, recipe, extra):
+    """`--init PRUNE_DIR` under torchrun: rank 0 alone reads the student and the teacher, the other process builds
+    them on the meta device and receives rank 0's values after sharding (set_model_state_dict with
+    broadcast_from_rank0, then the buffers outside the state dict: the rotary frequencies). SLoRB's S and X, CAST's
+    weight scales, bool masks and a sharded or replicated teacher are among the values; the run equals the
+    one-process run, which a process with wrong values (random, zeros, another rotary table) could not."""
+    from semisparse import api
+
+    pruned = tmp_path / "pruned"
+    api.prune(str(tiny_dir), "sparsegpt", "2:4", str(text), pruned, nsamples=4, seqlen=SEQ, progress=False)
+    fields = _fields(text, steps=4, **{"init.source": str(pruned), **extra})
+    one = _one_process(tiny_dir, tmp_path / "one", recipe, fields)
+    loads = tmp_path / "loads.txt"
+    proc = _script(tiny_dir, tmp_path / "two", recipe, json.dumps(fields), "--record-loads", loads)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 reads the weights; the other 1 process(es) receive them from it" in proc.stdout
+    _assert_same_run(one.run_dir, tmp_path / "two")
+    calls = sorted(loads.read_text().splitlines())
+    # the set-up's models: rank 0 reads the pruned student and its dense teacher, rank 1 only builds both
+    assert calls == sorted([f"0 load {pruned}", f"0 load {tiny_dir}", f"1 skeleton {pruned}",
+                            f"1 skeleton {tiny_dir}"]), calls
+
+
 def test_fsdp_always_wraps_a_single_torchrun_process_and_changes_nothing(tmp_path, tiny_dir, text):
     """`torchrun --nproc-per-node 1` with fsdp.always (what the GPU suite times to show the wrapper's cost): FSDP2
     on one process trains exactly as the unwrapped run; without torchrun the option is refused in one line."""

@@ -134,6 +134,32 @@ def model_skeleton(spec: str):
         return None
 
 
+def skeleton_loadable(spec: str) -> bool:
+    """Whether ``load_skeleton`` gives the same structure ``load_model`` would: a plain model folder, hub id or run
+    directory, not an exported folder (rebuilt from its manifest) or a run with a SLoRB branch (attached on load)."""
+    path = Path(spec).expanduser()
+    return not (path / rundir.EXPORT_MANIFEST).is_file() and not (path / SLORB_FILE).is_file()
+
+
+def load_skeleton(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """What ``load_model`` returns, with the model built on the meta device from its config: the structure, the
+    tokenizer and the run metadata, no weight read and no memory used (the values come later from another process:
+    train.distributed.fill_from_rank0). Only for sources ``skeleton_loadable`` accepts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {spec!r}: {first_line(exc)}") from exc
+    model.eval()
+    meta = read_run_meta(Path(path)) if (Path(path) / RUN_META).is_file() else None
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=path, run_meta=meta)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load model + tokenizer. A run directory's SLoRB branch (if any) is re-attached so it is evaluated; an
     exported folder (``semisparse export``) is verified and rebuilt (semisparse.export.load)."""

@@ -1,7 +1,8 @@
 """Run plainly or under torchrun (CPU, gloo): ``trainer.train(MODEL, OUT, RECIPE, OVERRIDES)`` on one thread.
 
 ``--kill-rank R --kill-after S`` makes rank R SIGKILL itself once optimizer step S is done (a process that dies
-mid-run: killed, out of memory); ``--resume`` continues OUT from its newest valid checkpoint."""
+mid-run: killed, out of memory); ``--resume`` continues OUT from its newest valid checkpoint; ``--record-loads F``
+appends "RANK load|skeleton SPEC" to F for every model the trainer's set-up reads (load) or only builds (skeleton)."""
 
 import argparse
 import json
@@ -24,8 +25,21 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-after", type=int, default=-1)
+    p.add_argument("--record-loads", default=None)
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
+    if args.record_loads:
+        from semisparse.train import setup
+
+        def recorded(kind, original):
+            def call(spec, *a, **k):
+                with open(args.record_loads, "a") as fh:
+                    fh.write(f"{rank} {kind} {spec}\n")
+                return original(spec, *a, **k)
+            return call
+
+        setup.load_model = recorded("load", setup.load_model)
+        setup.load_skeleton = recorded("skeleton", setup.load_skeleton)
 
     def on_step(step: int) -> None:
         if rank == args.kill_rank and step == args.kill_after:

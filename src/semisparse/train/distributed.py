@@ -7,6 +7,7 @@ One process (no torchrun) is the same code with ``world == 1``: nothing is wrapp
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -117,6 +118,27 @@ def shard(net: nn.Module, fsdp_cfg, device: torch.device, precision: str, train_
     fully_shard(net, **kwargs)
     if train_method is not None:
         register_fsdp_forward_method(net, train_method)
+
+
+def fill_from_rank0(d: Dist, module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Give every process rank 0's values of ``module``, which the other processes built on the meta device
+    (models.load_skeleton): so only rank 0 reads the weights into memory, not each of the W processes. ``state``:
+    rank 0's whole state dict (the module as it was before ``fully_shard``, or the module itself if it is not
+    sharded), None elsewhere. Every process calls this once ``module`` is wrapped (or not) as it will train.
+
+    torch's own path: ``to_empty`` on the device, then ``set_model_state_dict(broadcast_from_rank0=True)`` sends one
+    tensor at a time and each process keeps its shard; buffers outside the state dict (rotary frequencies) are
+    broadcast after it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, state if d.is_main else {}, options=options)
+    persistent = set(module.state_dict().keys())
+    for name, buffer in module.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
 
 
 def mean(d: Dist, values: list[float], device: torch.device) -> list[float]:

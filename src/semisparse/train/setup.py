@@ -33,7 +33,7 @@ from semisparse.devices import precision_warning, resolve_precision
 from semisparse.errors import UserError
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern
-from semisparse.models import load_model, model_skeleton
+from semisparse.models import load_model, load_skeleton, model_skeleton, skeleton_loadable
 from semisparse.rundir import METRICS_FILE, RUN_FILE, RUN_META, load_masks, truncate_metrics
 from semisparse.train import checkpoint as ckpt
 from semisparse.train import distributed
@@ -353,7 +353,15 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     # Read into CPU memory: the teacher is copied and cast to bf16 there, and with several processes the student
     # stays there until FSDP2 shards it, one block at a time onto the GPU (never a whole fp32 copy on a GPU: 4 bytes
     # a parameter, 52 GB for a 13B model). One process moves it to its device after sparsify.
-    loaded = load_model(student_src, device="cpu")
+    # Several processes with M0 on disk (--init, --resume): rank 0 alone reads the weights, the others build the
+    # model on the meta device and receive rank 0's values once it is sharded (distributed.fill_from_rank0). Not
+    # with fsdp.offload (shards kept in CPU memory, a start torch documents differently; GPU-only, untested here).
+    from_rank0 = (d.world > 1 and (resume_from is not None or init_dir is not None) and not cfg.fsdp.offload
+                  and skeleton_loadable(student_src))
+    skeleton = from_rank0 and not d.is_main
+    if from_rank0:
+        say(f"rank 0 reads the weights; the other {d.world - 1} process(es) receive them from it")
+    loaded = load_skeleton(student_src) if skeleton else load_model(student_src, device="cpu")
     net, tokenizer = loaded.model, loaded.tokenizer
     init_meta = loaded.run_meta if init_dir is not None else None
     dense_spec = (init_meta or {}).get("dense_model") or (loaded.run_meta or {}).get("dense_model") or model
@@ -384,13 +392,17 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         evaluation = Evaluation(eval_tokens, eval_seqlen, eval_src)
 
     # ---- the teacher: a frozen dense copy, made BEFORE sparsify (SparseLinear shares nn.Linear's weight Parameter)
-    teacher = None
+    teacher, teacher_from_rank0 = None, False
     if cfg.distill.alpha > 0:
-        if teacher_spec == student_src and init_dir is None and not loaded.run_meta:
-            teacher = copy.deepcopy(net)
+        copied = teacher_spec == student_src and init_dir is None and not loaded.run_meta
+        teacher_from_rank0 = from_rank0 and (copied or skeleton_loadable(teacher_spec))
+        # read in the dtype it runs in: a bf16 teacher never exists in float32 (2 bytes a parameter, not 4 + 2)
+        teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if copied:
+            teacher = copy.deepcopy(net)  # (a skeleton's copy is a skeleton)
+        elif teacher_from_rank0 and skeleton:
+            teacher = load_skeleton(teacher_spec, dtype=teacher_dtype).model
         else:
-            # read in the dtype it runs in: a bf16 teacher never exists in float32 (2 bytes a parameter, not 4 + 2)
-            teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             teacher = load_model(teacher_spec, dtype=teacher_dtype, device="cpu").model
         if teacher.get_output_embeddings().weight.shape[0] != net.get_output_embeddings().weight.shape[0]:
             raise UserError(f"teacher {teacher_spec!r} has a different vocabulary than the student")
@@ -398,8 +410,8 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         teacher.config.use_cache = False
         if precision == "bf16":
             teacher.to(torch.bfloat16)  # frozen: no fp32 master copy needed, and half the bytes to read
-        if not (d.sharded and cfg.fsdp.shard_teacher):  # (a sharded teacher moves to the GPU as it is sharded)
-            teacher.to(device)
+        if not (d.sharded and cfg.fsdp.shard_teacher) and not (teacher_from_rank0 and skeleton):
+            teacher.to(device)  # (a sharded teacher moves to the GPU as it is sharded, a skeleton when it is filled)
 
     # ---- initial masks M0: from the run (resume, read above), the init run directory, or a one-shot pruner
     if masks0 is None and init_dir is not None:
@@ -449,7 +461,7 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     lr = LrSchedule.from_recipe(cfg, total_steps)
     decay = Decay.from_recipe(cfg, total_steps)
     decay_reach = None
-    if cfg.decay.variant == "adams" and cfg.mask.forward == "dense":  # measured on whole weights, before sharding
+    if cfg.decay.variant == "adams" and cfg.mask.forward == "dense" and not skeleton:  # on whole weights, unsharded
         reach = adams_reach(total_steps, cfg.optim.lr, lr.warmup_steps, cfg.optim.min_lr_ratio, decay.ramp_steps)
         typical = median_pruned_magnitude(layers)
         decay_reach = {"reach": reach, "median_pruned_abs": typical, "headroom": reach / typical if typical else None}
@@ -465,10 +477,17 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     attach_train_loss(net)
     if teacher is not None:
         attach_train_loss(teacher)
+    student_state = net.state_dict() if from_rank0 and d.is_main else None  # rank 0's values, taken before sharding
+    teacher_state = teacher.state_dict() if teacher_from_rank0 and d.is_main else None
     if d.sharded:
         distributed.shard(net, cfg.fsdp, device, precision, train_method=TRAIN_LOSS)
         if teacher is not None and cfg.fsdp.shard_teacher:
             distributed.shard(teacher, cfg.fsdp, device, precision, train_method=TEACHER_FORWARD)
+    if from_rank0:
+        distributed.fill_from_rank0(d, net, student_state, device)
+    if teacher_from_rank0:
+        distributed.fill_from_rank0(d, teacher, teacher_state, device)
+    del student_state, teacher_state
     masks0_to_write = masks0 if d.is_main and masks0_record is None else None
     masks0 = local_initial_masks(layers, masks0)
 

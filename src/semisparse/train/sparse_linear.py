@@ -140,7 +140,9 @@ class SparseLinear(nn.Module):
         self.bias = bias
         self.conv1d = conv1d
         self.register_buffer("mask", torch.zeros(weight.shape, dtype=torch.bool, device=weight.device))
-        if mask is None:
+        if weight.is_meta:
+            pass  # a skeleton (models.load_skeleton): no values to compute a mask from or check one against
+        elif mask is None:
             self.recompute_mask()
         else:
             self.set_mask(mask)
