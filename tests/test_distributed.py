@@ -160,11 +160,18 @@ def test_with_an_init_run_directory_only_rank_0_reads_the_weights(tmp_path, tiny
     api.prune(str(tiny_dir), "sparsegpt", "2:4", str(text), pruned, nsamples=4, seqlen=SEQ, progress=False)
     fields = _fields(text, steps=4, **{"init.source": str(pruned), **extra})
     one = _one_process(tiny_dir, tmp_path / "one", recipe, fields)
-    loads = tmp_path / "loads.txt"
-    proc = _script(tiny_dir, tmp_path / "two", recipe, json.dumps(fields), "--record-loads", loads)
+    loads, logits = tmp_path / "loads.txt", tmp_path / "logits.pt"
+    proc = _script(tiny_dir, tmp_path / "two", recipe, json.dumps(fields), "--record-loads", loads,
+                   "--save-logits", logits)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 reads the weights; the other 1 process(es) receive them from it" in proc.stdout
     _assert_same_run(one.run_dir, tmp_path / "two")
+    # the model rank 0's `train` returns (built on the meta device, given the gathered tensors and the rotary
+    # buffers) computes what the one-process model computes
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_script import fixed_logits
+
+    assert torch.allclose(torch.load(logits), fixed_logits(one.model), atol=1e-4, rtol=0)
     calls = sorted(loads.read_text().splitlines())
     # the set-up's models: rank 0 reads the pruned student and its dense teacher, rank 1 only builds both
     assert calls == sorted([f"0 load {pruned}", f"0 load {tiny_dir}", f"1 skeleton {pruned}",

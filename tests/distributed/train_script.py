@@ -2,7 +2,8 @@
 
 ``--kill-rank R --kill-after S`` makes rank R SIGKILL itself once optimizer step S is done (a process that dies
 mid-run: killed, out of memory); ``--resume`` continues OUT from its newest valid checkpoint; ``--record-loads F``
-appends "RANK load|skeleton SPEC" to F for every model the trainer's set-up reads (load) or only builds (skeleton)."""
+appends "RANK load|skeleton SPEC" to F for every model the trainer's set-up reads (load) or only builds (skeleton);
+``--save-logits F``: rank 0 saves the logits of the model ``train`` returned on fixed token ids (torch.save)."""
 
 import argparse
 import json
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-after", type=int, default=-1)
     p.add_argument("--record-loads", default=None)
+    p.add_argument("--save-logits", default=None)
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     if args.record_loads:
@@ -45,8 +47,17 @@ def main() -> None:
         if rank == args.kill_rank and step == args.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer.train(args.model, args.out, None if args.resume else args.recipe, json.loads(args.overrides),
-                  resume=args.resume, progress=False, on_step=on_step)
+    result = trainer.train(args.model, args.out, None if args.resume else args.recipe, json.loads(args.overrides),
+                           resume=args.resume, progress=False, on_step=on_step)
+    if args.save_logits and rank == 0:
+        torch.save(fixed_logits(result.model), args.save_logits)
+
+
+def fixed_logits(model) -> torch.Tensor:
+    """The logits of ``model`` on fixed token ids (the same ids in every caller)."""
+    ids = torch.arange(24).remainder(200).reshape(2, 12)
+    with torch.no_grad():
+        return model(ids).logits
 
 
 if __name__ == "__main__":

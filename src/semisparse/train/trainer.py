@@ -55,7 +55,7 @@ from semisparse import rundir
 from semisparse.errors import UserError
 from semisparse.evaluate.perplexity import perplexity
 from semisparse.masks import flip_count
-from semisparse.models import load_model, package_versions, write_run_files
+from semisparse.models import load_model, load_skeleton, package_versions, skeleton_loadable, write_run_files
 from semisparse.rundir import (  # noqa: F401 (read_metrics, truncate_metrics: re-exported for older imports)
     METRICS_FILE,
     PLOTS_DIR,
@@ -312,13 +312,24 @@ def _export_model(run: Run) -> nn.Module:
         return None
     from semisparse.train.setup import _exact_filter
 
-    fresh = load_model(run.student_src, device="cpu").model
+    # The gathered state is the whole model: a meta-device structure adopts its tensors (one copy in memory, not
+    # the state plus a second model read from disk to copy it into).
+    adopt = skeleton_loadable(run.student_src)
+    fresh = (load_skeleton if adopt else functools.partial(load_model, device="cpu"))(run.student_src).model
     masks = {name: state[f"{name}.mask"] for name in run.layers}  # gathered with the weights (sharded like them)
     sparsify(fresh, masks, cfg.pattern, _exact_filter(masks),
              slorb_k=cfg.slorb.k if cfg.slorb.enabled else None, train_x=cfg.slorb.train_x,
              weight_scale_n=cfg.scale.blocks if cfg.scale.enabled else None,
              dense_forward=cfg.mask.forward == "dense")
-    fresh.load_state_dict(state, strict=True)
+    fresh.load_state_dict(state, strict=True, assign=adopt)
+    if adopt:
+        fresh.tie_weights()  # assigned tensors replace the shared embedding Parameter: tie it again
+        live = dict(run.net.named_buffers())  # FSDP2 leaves buffers whole: the rotary frequencies
+        for name, buffer in list(fresh.named_buffers()):
+            if buffer.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                fresh.get_submodule(owner).register_buffer(leaf, live[name].detach().to("cpu", copy=True),
+                                                           persistent=False)
     return fresh
 
 
