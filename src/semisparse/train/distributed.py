@@ -120,7 +120,8 @@ def shard(net: nn.Module, fsdp_cfg, device: torch.device, precision: str, train_
         register_fsdp_forward_method(net, train_method)
 
 
-def fill_from_rank0(d: Dist, module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+def fill_from_rank0(d: Dist, module: nn.Module, state: dict[str, torch.Tensor] | None, device: torch.device,
+                    values: bool = True) -> None:
     """Give every process rank 0's values of ``module``, which the other processes built on the meta device
     (models.load_skeleton): so only rank 0 reads the weights into memory, not each of the W processes. ``state``:
     rank 0's whole state dict (the module as it was before ``fully_shard``, or the module itself if it is not
@@ -128,13 +129,14 @@ def fill_from_rank0(d: Dist, module: nn.Module, state: dict[str, torch.Tensor] |
 
     torch's own path: ``to_empty`` on the device, then ``set_model_state_dict(broadcast_from_rank0=True)`` sends one
     tensor at a time and each process keeps its shard; buffers outside the state dict (rotary frequencies) are
-    broadcast after it."""
+    broadcast after it. ``values=False``: the buffers only (a checkpoint is about to load every value)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         module.to_empty(device=device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(module, state if d.is_main else {}, options=options)
+    if values:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, state if d.is_main else {}, options=options)
     persistent = set(module.state_dict().keys())
     for name, buffer in module.named_buffers():
         if name not in persistent:

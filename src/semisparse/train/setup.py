@@ -477,14 +477,15 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     attach_train_loss(net)
     if teacher is not None:
         attach_train_loss(teacher)
-    student_state = net.state_dict() if from_rank0 and d.is_main else None  # rank 0's values, taken before sharding
+    # rank 0's values, taken before sharding (a resumed run's come from its checkpoint: only the buffers are sent)
+    student_state = net.state_dict() if from_rank0 and d.is_main and resume_from is None else None
     teacher_state = teacher.state_dict() if teacher_from_rank0 and d.is_main else None
     if d.sharded:
         distributed.shard(net, cfg.fsdp, device, precision, train_method=TRAIN_LOSS)
         if teacher is not None and cfg.fsdp.shard_teacher:
             distributed.shard(teacher, cfg.fsdp, device, precision, train_method=TEACHER_FORWARD)
     if from_rank0:
-        distributed.fill_from_rank0(d, net, student_state, device)
+        distributed.fill_from_rank0(d, net, student_state, device, values=resume_from is None)
     if teacher_from_rank0:
         distributed.fill_from_rank0(d, teacher, teacher_state, device)
     del student_state, teacher_state
