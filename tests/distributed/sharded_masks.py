@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import make_llama  # noqa: E402
 
 from semisparse.train.optim import AdamS, MaskedAdamW, set_adams_alpha  # noqa: E402
-from semisparse.train.setup import local_initial_masks  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from semisparse.train.setup import local_initial_masks, read_mask_file  # noqa: E402
 from semisparse.train.sparse_linear import (  # noqa: E402
     param_masks,
     shard_masks_with_weights,
@@ -75,6 +77,16 @@ def main() -> None:
             assert torch.equal(initial[name], gathered[name][start:start + initial[name].shape[0]]), name
             assert 2 * initial[name].shape[0] == gathered[name].shape[0], name
             assert initial[name].untyped_storage().nbytes() == initial[name].numel(), name  # not a view of M0
+            compared += 1
+        # ... and the same rows read from M0's file by a process that holds only M0's shapes
+        m0_file = Path(sys.argv[1]).with_name(f"m0-{optimizer}-rank{rank}.safetensors")
+        save_file({f"m0.{name}": mask for name, mask in gathered.items()}, str(m0_file))
+        shapes = read_mask_file((m0_file, "m0."), shapes_only=True)
+        assert all(shapes[n].is_meta and shapes[n].shape == gathered[n].shape for n in gathered)
+        from_file = local_initial_masks(local, shapes, source=(m0_file, "m0."))
+        assert from_file.keys() == initial.keys()
+        for name in initial:
+            assert from_file[name].dtype == torch.bool and torch.equal(from_file[name], initial[name]), name
             compared += 1
         if rank == 0:
             ref, ref_opt = build(optimizer, shard=False)

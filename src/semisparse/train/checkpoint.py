@@ -292,14 +292,18 @@ def save_initial_masks(root: Path, masks: dict[str, torch.Tensor]) -> dict:
             "bytes": path.stat().st_size}
 
 
-def read_initial_masks(checkpoint: Path, record: dict | None, dist: Dist = Dist()) -> dict[str, torch.Tensor]:
-    """M0 for a run resumed from ``checkpoint``: the checkpoint's own copy (written before 2026-12-08), else the
-    run's file, checked by rank 0 against ``record`` (run.json's ``initial_masks``). Every process calls this."""
+def initial_masks_source(checkpoint: Path, record: dict | None, dist: Dist = Dist()) -> tuple[Path, str]:
+    """Where M0 of a run resumed from ``checkpoint`` is, as (safetensors file, key prefix): the checkpoint's own copy
+    (written before 2026-12-08) or the run's file, checked by rank 0 against ``record`` (run.json's
+    ``initial_masks``). Every process calls this; each reads what it needs of the file (setup.read_mask_file)."""
+    from safetensors import safe_open
+
     checkpoint = Path(checkpoint)
-    if (checkpoint / EXTRA_FILE).is_file():
-        old = {k[len(M0_PREFIX):]: v for k, v in read_extra(checkpoint).items() if k.startswith(M0_PREFIX)}
-        if old:
-            return old
+    extra = checkpoint / EXTRA_FILE
+    if extra.is_file():
+        with safe_open(str(extra), framework="pt") as fh:
+            if any(key.startswith(M0_PREFIX) for key in fh.keys()):
+                return extra, M0_PREFIX
     path = checkpoint.parent / INITIAL_MASKS_FILE
     problem = None
     if dist.is_main:
@@ -312,7 +316,7 @@ def read_initial_masks(checkpoint: Path, record: dict | None, dist: Dist = Dist(
     problem = broadcast(dist, problem)
     if problem is not None:
         raise CheckpointError(problem)
-    return load_file(str(path))
+    return path, ""
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

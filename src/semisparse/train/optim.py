@@ -49,12 +49,20 @@ def local_rows(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     if isinstance(mask, DTensor):
         return mask.to_local()
+    start, stop = local_row_range(param)
+    return mask if (start, stop) == (0, mask.shape[0]) else mask[start:stop]
+
+
+def local_row_range(param: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) of the output rows this process holds of ``param`` (all of them unless FSDP2 sharded it)."""
+    from torch.distributed.tensor import DTensor
+
     if not isinstance(param, DTensor):
-        return mask
+        return 0, param.shape[0]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return mask[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    return offset[0], offset[0] + shape[0]
 
 
 def _pruned_part(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,12 @@ from semisparse.errors import UserError
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern
 from semisparse.models import load_model, load_skeleton, model_skeleton, skeleton_loadable
-from semisparse.rundir import METRICS_FILE, RUN_FILE, RUN_META, load_masks, truncate_metrics
+from semisparse.rundir import MASKS_FILE, METRICS_FILE, RUN_FILE, RUN_META, truncate_metrics
 from semisparse.train import checkpoint as ckpt
 from semisparse.train import distributed
 from semisparse.train.distill import lm_head, logits_fit
 from semisparse.train.metrics import MetricsLog
-from semisparse.train.optim import AdamS, MaskedAdamW, local_rows
+from semisparse.train.optim import AdamS, MaskedAdamW, local_row_range, local_rows
 from semisparse.train.schedules import Decay, LrSchedule, MaskSchedule, adams_reach
 from semisparse.train.sparse_linear import (
     WEIGHT_SCALE,
@@ -234,10 +234,40 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def local_initial_masks(layers: dict[str, SparseLinear], masks0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_mask_file(source: tuple[Path, str], rows: dict[str, tuple[int, int]] | None = None,
+                   shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """Masks from a safetensors file, ``source`` = (path, key prefix): {layer name: bool [out, in]}, or only the rows
+    [start, stop) given per layer, or (``shapes_only``) empty tensors of their shapes on the meta device."""
+    from safetensors import safe_open
+
+    path, prefix = source
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in (k for k in fh.keys() if k.startswith(prefix)):
+                name = key[len(prefix):]
+                if shapes_only:
+                    out[name] = torch.empty(fh.get_slice(key).get_shape(), dtype=torch.bool, device="meta")
+                elif rows is None:
+                    out[name] = fh.get_tensor(key)
+                elif name in rows:
+                    out[name] = fh.get_slice(key)[rows[name][0]:rows[name][1]]
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise UserError(f"corrupted mask file {path}: {exc}") from exc
+    return out
+
+
+def local_initial_masks(layers: dict[str, SparseLinear], masks0: dict[str, torch.Tensor],
+                        source: tuple[Path, str] | None = None) -> dict[str, torch.Tensor]:
     """This process's rows of M0, copied: FSDP2 splits each weight (and its live mask) by output rows and the flip
     count vs M0 is summed over rows, so a process never needs the other rows (1 byte a sparse weight otherwise, in
-    every process: 6.5 GB each for LLaMA-2-7B). One process: M0 as it is."""
+    every process: 6.5 GB each for LLaMA-2-7B). ``source``: read just those rows from M0's file (a process that
+    holds only M0's shapes). One process: M0 as it is."""
+    if source is not None:
+        rows = read_mask_file(source, rows={name: local_row_range(layer.weight) for name, layer in layers.items()})
+        return {name: rows[name].to(torch.bool) for name in layers}
     local = {name: local_rows(layer.weight, masks0[name]) for name, layer in layers.items()}
     return {name: rows if rows is masks0[name] else rows.clone() for name, rows in local.items()}  # a view: copied
 
@@ -341,10 +371,10 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     if eval_src is not None and cfg.data.eval is None and eval_src.split == "file":
         say(f"note: evaluating on the training file {eval_spec} itself (set data.eval / --eval-data for held-out text)")
     resume_from = _pick_checkpoint(run_dir, d, say) if resume else None
-    masks0 = masks0_record = None  # M0, and run.json's record of its file (None: to write, see below)
+    masks0_record = masks0_file = None  # run.json's record of the M0 file (None: to write), M0's (file, key prefix)
     if resume_from is not None:  # checked with the checkpoint, before any slow loading
         masks0_record = json.loads((run_dir / RUN_FILE).read_text()).get("initial_masks")
-        masks0 = ckpt.read_initial_masks(resume_from, masks0_record, d)
+        masks0_file = ckpt.initial_masks_source(resume_from, masks0_record, d)
 
     # ---- the student: the init run directory, or MODEL (pruned one-shot below)
     student_src = str(init_dir) if init_dir is not None else model
@@ -354,8 +384,9 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
     # stays there until FSDP2 shards it, one block at a time onto the GPU (never a whole fp32 copy on a GPU: 4 bytes
     # a parameter, 52 GB for a 13B model). One process moves it to its device after sparsify.
     # Several processes with M0 on disk (--init, --resume): rank 0 alone reads the weights, the others build the
-    # model on the meta device and receive rank 0's values once it is sharded (distributed.fill_from_rank0). Not
-    # with fsdp.offload (shards kept in CPU memory, a start torch documents differently; GPU-only, untested here).
+    # model on the meta device and receive rank 0's values once it is sharded (distributed.fill_from_rank0), and
+    # read only their rows of M0. Not with fsdp.offload (shards kept in CPU memory, a start torch documents
+    # differently; GPU-only, untested here).
     from_rank0 = (d.world > 1 and (resume_from is not None or init_dir is not None) and not cfg.fsdp.offload
                   and skeleton_loadable(student_src))
     skeleton = from_rank0 and not d.is_main
@@ -414,16 +445,19 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
             teacher.to(device)  # (a sharded teacher moves to the GPU as it is sharded, a skeleton when it is filled)
 
     # ---- initial masks M0: from the run (resume, read above), the init run directory, or a one-shot pruner
-    if masks0 is None and init_dir is not None:
+    if masks0_file is None and init_dir is not None:
         if Pattern.parse(init_meta.get("pattern", cfg.pattern)) != Pattern.parse(cfg.pattern):
             raise UserError(
                 f"--init {init_dir} is {init_meta.get('pattern')} sparse, but the recipe asks for {cfg.pattern}"
             )
-        masks0 = load_masks(init_dir)
-    elif masks0 is None:
+        masks0_file = (init_dir / MASKS_FILE, "")
+    if masks0_file is not None:  # a skeleton needs only their shapes now (its rows are read after sharding)
+        masks0 = read_mask_file(masks0_file, shapes_only=skeleton)
+    else:
         net.to(device)  # the pruner runs the whole model on the device
         masks0 = init_masks(net, cfg, stream, seq_len, device, progress and d.is_main, tokenizer, train_data.docs)
-    masks0 = {k: v.to(torch.bool).cpu() for k, v in masks0.items()}
+    if not skeleton:
+        masks0 = {k: v.to(torch.bool).cpu() for k, v in masks0.items()}
     try:
         layers = sparsify(
             net, masks0, cfg.pattern, _exact_filter(masks0),
@@ -490,7 +524,7 @@ def prepare(model: str, out: str | Path, recipe, overrides, resume: bool, overwr
         distributed.fill_from_rank0(d, teacher, teacher_state, device)
     del student_state, teacher_state
     masks0_to_write = masks0 if d.is_main and masks0_record is None else None
-    masks0 = local_initial_masks(layers, masks0)
+    masks0 = local_initial_masks(layers, masks0, masks0_file if skeleton else None)
 
     groups = param_groups(net, cfg.optim.weight_decay)
     opt_kw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
