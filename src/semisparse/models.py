@@ -122,16 +122,21 @@ def model_skeleton(spec: str):
     """The model built on the meta device from its config alone (no weights read, no memory): its layer shapes, for
     checks that should fail before a slow load. None when the config cannot be read locally (a hub id offline, an
     exported folder): the load itself then reports or the check runs after it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if (Path(spec).expanduser() / rundir.EXPORT_MANIFEST).is_file():
         return None
     try:
-        config = AutoConfig.from_pretrained(resolve_model(spec))
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return _meta_model(resolve_model(spec))
     except (OSError, ValueError, UserError):
         return None
+
+
+def _meta_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of ``path``'s config on the meta device (no weights read, no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def skeleton_loadable(spec: str) -> bool:
@@ -145,14 +150,12 @@ def load_skeleton(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """What ``load_model`` returns, with the model built on the meta device from its config: the structure, the
     tokenizer and the run metadata, no weight read and no memory used (the values come later from another process:
     train.distributed.fill_from_rank0). Only for sources ``skeleton_loadable`` accepts."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _meta_model(path, dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model {spec!r}: {first_line(exc)}") from exc
     model.eval()

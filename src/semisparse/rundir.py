@@ -322,15 +322,33 @@ def eval_results_for(path: str | Path, model: str) -> dict:
 
 def load_masks(run_dir: str | Path) -> dict:
     """``masks.safetensors`` of a run directory: {layer name: bool [out, in]}."""
-    from safetensors.torch import load_file
+    return read_mask_file((Path(run_dir) / MASKS_FILE, ""))
 
-    path = Path(run_dir) / MASKS_FILE
+
+def read_mask_file(source: tuple[Path, str], rows: dict[str, tuple[int, int]] | None = None,
+                   shapes_only: bool = False) -> dict:
+    """Masks from a safetensors file, ``source`` = (path, key prefix): {layer name: bool [out, in]}, or only the rows
+    [start, stop) given per layer, or (``shapes_only``) empty tensors of their shapes on the meta device."""
+    import torch
+    from safetensors import safe_open
+
+    path, prefix = Path(source[0]), source[1]
     if not path.is_file():
-        raise UserError(f"{run_dir} has no {MASKS_FILE}")
+        raise UserError(f"{path.parent} has no {path.name}")
+    out = {}
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            for key in (k for k in fh.keys() if k.startswith(prefix)):
+                name = key[len(prefix):]
+                if shapes_only:
+                    out[name] = torch.empty(fh.get_slice(key).get_shape(), dtype=torch.bool, device="meta")
+                elif rows is None:
+                    out[name] = fh.get_tensor(key)
+                elif name in rows:
+                    out[name] = fh.get_slice(key)[rows[name][0]:rows[name][1]]
     except Exception as exc:  # safetensors raises its own error types on corrupt files
         raise UserError(f"corrupted mask file {path}: {exc}") from exc
+    return out
 
 
 def read_metrics_counted(path: str | Path) -> tuple[list[dict], int]:

@@ -17,7 +17,8 @@ from tiny import make_llama  # noqa: E402
 from semisparse.train.optim import AdamS, MaskedAdamW, set_adams_alpha  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from semisparse.train.setup import local_initial_masks, read_mask_file  # noqa: E402
+from semisparse.rundir import read_mask_file  # noqa: E402
+from semisparse.train.setup import local_initial_masks  # noqa: E402
 from semisparse.train.sparse_linear import (  # noqa: E402
     param_masks,
     shard_masks_with_weights,

@@ -295,7 +295,7 @@ def save_initial_masks(root: Path, masks: dict[str, torch.Tensor]) -> dict:
 def initial_masks_source(checkpoint: Path, record: dict | None, dist: Dist = Dist()) -> tuple[Path, str]:
     """Where M0 of a run resumed from ``checkpoint`` is, as (safetensors file, key prefix): the checkpoint's own copy
     (written before 2026-12-08) or the run's file, checked by rank 0 against ``record`` (run.json's
-    ``initial_masks``). Every process calls this; each reads what it needs of the file (setup.read_mask_file)."""
+    ``initial_masks``). Every process calls this; each reads what it needs of the file (rundir.read_mask_file)."""
     from safetensors import safe_open
 
     checkpoint = Path(checkpoint)

@@ -34,7 +34,7 @@ from semisparse.errors import UserError
 from semisparse.layers import LayerFilter, select_layers, weight_matrix
 from semisparse.masks import Pattern
 from semisparse.models import load_model, load_skeleton, model_skeleton, skeleton_loadable
-from semisparse.rundir import MASKS_FILE, METRICS_FILE, RUN_FILE, RUN_META, truncate_metrics
+from semisparse.rundir import MASKS_FILE, METRICS_FILE, RUN_FILE, RUN_META, read_mask_file, truncate_metrics
 from semisparse.train import checkpoint as ckpt
 from semisparse.train import distributed
 from semisparse.train.distill import lm_head, logits_fit
@@ -232,31 +232,6 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"output directory {run_dir} exists and is not empty "
             "(pass --resume to continue its training or --overwrite to replace it)"
         )
-
-
-def read_mask_file(source: tuple[Path, str], rows: dict[str, tuple[int, int]] | None = None,
-                   shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """Masks from a safetensors file, ``source`` = (path, key prefix): {layer name: bool [out, in]}, or only the rows
-    [start, stop) given per layer, or (``shapes_only``) empty tensors of their shapes on the meta device."""
-    from safetensors import safe_open
-
-    path, prefix = source
-    if not path.is_file():
-        raise UserError(f"{path.parent} has no {path.name}")
-    out = {}
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in (k for k in fh.keys() if k.startswith(prefix)):
-                name = key[len(prefix):]
-                if shapes_only:
-                    out[name] = torch.empty(fh.get_slice(key).get_shape(), dtype=torch.bool, device="meta")
-                elif rows is None:
-                    out[name] = fh.get_tensor(key)
-                elif name in rows:
-                    out[name] = fh.get_slice(key)[rows[name][0]:rows[name][1]]
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise UserError(f"corrupted mask file {path}: {exc}") from exc
-    return out
 
 
 def local_initial_masks(layers: dict[str, SparseLinear], masks0: dict[str, torch.Tensor],
